@@ -1,0 +1,45 @@
+"""Packaging for attention-zoo (import name ``zoo``)."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_version = re.search(r'__version__ = "([^"]+)"', Path("zoo/version.py").read_text()).group(1)
+
+setup(
+    name="attention-zoo",
+    version=_version,
+    description="A timm-style zoo of attention vision backbones and heads on fused Triton kernels",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["zoo", "zoo.*"]),
+    package_data={"zoo": ["train/recipes/*.yaml", "detection/configs/**/*.py", "segmentation/configs/**/*.py"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0.20",
+        "triton; platform_system == 'Linux'",
+        "safetensors",
+        "huggingface_hub",
+        "tqdm",
+        "rich",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "scikit-learn", "scikit-image", "matplotlib"],
+        "detection": ["pycocotools"],
+        "segmentation": ["segmentation-models-pytorch"],
+        "wsi": ["tiffslide", "h5py", "scikit-image", "tifffile"],
+        "medical": ["pydicom"],
+        "wandb": ["wandb"],
+    },
+    entry_points={"console_scripts": ["zoo=zoo.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,46 @@
+"""zoo: a timm-style zoo of attention vision backbones and heads on fused Triton kernels.
+
+``zoo.create_model(name, ...)`` has exactly timm's semantics; zoo's registry resolves first, then timm's.
+Importing zoo registers its architectures (into timm's registry too, for names timm does not use).
+"""
+
+from ._factory import PretrainedWeightsUnavailableError, create_model, parse_model_name, resolve_pretrained_cfg
+from ._registry import (
+    KINDS,
+    get_arch_pretrained_cfgs,
+    get_pretrained_cfg,
+    get_pretrained_cfg_value,
+    is_model,
+    is_model_pretrained,
+    is_zoo_model,
+    list_kinds,
+    list_models,
+    list_pretrained,
+    model_entrypoint,
+    model_kind,
+    register_model,
+)
+from .version import __version__
+
+from . import models  # noqa: E402,F401  (registers the families)  isort: skip
+
+__all__ = [
+    "KINDS",
+    "PretrainedWeightsUnavailableError",
+    "__version__",
+    "create_model",
+    "get_arch_pretrained_cfgs",
+    "get_pretrained_cfg",
+    "get_pretrained_cfg_value",
+    "is_model",
+    "is_model_pretrained",
+    "is_zoo_model",
+    "list_kinds",
+    "list_models",
+    "list_pretrained",
+    "model_entrypoint",
+    "model_kind",
+    "parse_model_name",
+    "register_model",
+    "resolve_pretrained_cfg",
+]

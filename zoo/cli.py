@@ -1,0 +1,172 @@
+"""The ``zoo`` command: list, info, card, bench, export, demo.
+
+Each verb is a thin wrapper over a function of the package (``zoo.list_models``, ``zoo.tools.*``), so
+everything the command does is also reachable from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import zoo
+
+    names = zoo.list_models(args.filter or "", pretrained=args.pretrained, kind=args.kind)
+    if not names:
+        print(f"no model matches {args.filter!r}", file=sys.stderr)
+        return 1
+    for name in names:
+        print(name)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from zoo.tools.info import model_info
+
+    info = model_info(args.name, gmacs=not args.no_gmacs)
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=2, default=str))
+        return 0
+    print(f"{info.name}  ({info.family or 'timm'}, {info.kind})")
+    print(f"  params       {info.params:,} ({info.params / 1e6:.2f} M)")
+    if info.gmacs is not None:
+        print(f"  GMACs        {info.gmacs:.3f} at {info.input_size[1]}x{info.input_size[2]}")
+    for i, level in enumerate(info.feature_info):
+        print(f"  feature {i}    {level.get('module')}: {level['num_chs']} channels, stride {level['reduction']}")
+    for tag, src in info.tags.items():
+        print(f"  weights      {tag}: {src['source']} (licence {src['license'] or 'unknown'})")
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    import zoo
+    from zoo.tools.cards import write_card
+
+    names = zoo.list_models() if args.all else args.names
+    if not names:
+        print("name one or more models, or pass --all", file=sys.stderr)
+        return 2
+    for name in names:
+        if not zoo.is_zoo_model(name):
+            print(f"{name!r} is not a zoo architecture (cards are for zoo's registry)", file=sys.stderr)
+            return 2
+        print(write_card(name, args.out))
+    if args.readme:
+        from zoo.tools.cards import update_readme
+
+        print(update_readme(args.readme))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from zoo.tools.bench import benchmark_models, write_csv
+
+    rows = benchmark_models(
+        args.names,
+        args.vs,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        iters=args.iters,
+        warmup=args.warmup,
+        train=not args.no_train,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    peer = rows[0].peer
+    print(f"device {rows[0].device}, dtype {args.dtype}, batch {args.batch_size}, {args.img_size}px; ratios to {peer}")
+    columns = ("infer img/s", 11), ("ratio", 7), ("train img/s", 11), ("ratio", 7), ("peak MiB", 9), ("mem", 6)
+    print(f"{'model':40s} " + " ".join(f"{title:>{width}s}" for title, width in columns))
+    for r in rows:
+        train = f"{r.train_img_s:11.1f} {r.train_time_ratio:7.3f} {r.train_peak_mib:9.1f} {r.train_mem_ratio:6.3f}"
+        print(f"{r.model:40s} {r.infer_img_s:11.1f} {r.infer_time_ratio:7.3f} " + (train if not args.no_train else ""))
+    if args.out:
+        print(f"wrote {write_csv(rows, args.out)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import zoo
+    from zoo.tools.export import export_model
+
+    overlay = dict(file=args.file) if args.file else None
+    model = zoo.create_model(
+        args.name,
+        pretrained=args.pretrained or bool(args.file),
+        pretrained_cfg_overlay=overlay,
+        checkpoint_path=args.checkpoint,
+        num_classes=args.num_classes,
+    )
+    print(export_model(model, args.out))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from zoo.tools.demo import run_demo
+
+    run_demo(bench_iters=args.iters)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list zoo architectures (fnmatch filter, e.g. 'davit*')")
+    p.add_argument("filter", nargs="?", default="", help="fnmatch pattern")
+    p.add_argument("--pretrained", action="store_true", help="only arch.tag names with weights")
+    p.add_argument("--kind", default=None, help="backbone, mil_head, probe or scanpath")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("info", help="params, GMACs, feature levels and weight sources of a model")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-gmacs", action="store_true", help="skip the FLOP count (large models)")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("card", help="write model_cards/NAME.md")
+    p.add_argument("names", nargs="*")
+    p.add_argument("--all", action="store_true", help="every architecture in zoo's registry")
+    p.add_argument("--out", default="model_cards", help="output folder")
+    p.add_argument("--readme", default=None, help="also refresh the models table in this README")
+    p.set_defaults(func=_cmd_card)
+
+    p = sub.add_parser("bench", help="throughput and peak memory, interleaved, ratio to the first peer")
+    p.add_argument("names", nargs="+")
+    p.add_argument("--vs", nargs="*", default=[], help="peer models; ratios are to the first")
+    p.add_argument("--batch-size", "-b", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--iters", type=int, default=5, help="timed round-robin rounds")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--out", default=None, help="CSV file to append rows to")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("export", help="write model.safetensors + config.json readable by timm's local-dir:")
+    p.add_argument("name")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--pretrained", action="store_true", help="load the cfg's weights first")
+    p.add_argument("--file", default=None, help="a local checkpoint (official or timm format) to load first")
+    p.add_argument("--checkpoint", default=None, help="a timm-format checkpoint loaded strictly after the build")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("demo", help="an offline tour: registry, info, features, export to timm, timing")
+    p.add_argument("--iters", type=int, default=3, help="timed rounds of the benchmark part")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tools over the registry: model info (params, GMACs), model cards, benchmarks, export."""
