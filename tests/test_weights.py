@@ -122,3 +122,24 @@ def test_export_reads_back_in_timm_and_zoo(davit_reference, tmp_path) -> None:
         assert via_timm.num_classes == via_zoo.num_classes == 4
         assert torch.equal(via_timm(x), expected)
         assert torch.equal(via_zoo(x), expected)
+
+
+SHARE_LINK = "https://127.0.0.1:9/v1.0/shares/s!abc/root/content"  # an official-style link, unreachable
+
+
+def test_url_source_offline_names_the_cache_file() -> None:
+    overlay = dict(hf_hub_id=None, url=SHARE_LINK)
+    with pytest.raises(zoo.PretrainedWeightsUnavailableError, match=r"davit_tiny\.msft_in1k\.pth"):
+        zoo.create_model("davit_tiny", pretrained=True, pretrained_cfg_overlay=overlay)
+
+
+def test_url_source_served_from_the_cache(davit_reference, tmp_path) -> None:
+    """A URL checkpoint already in the cache loads without the network, through the family filter."""
+    reference, x, expected = davit_reference
+    torch.save(
+        {"state_dict": _official_davit_state_dict(reference.state_dict())}, tmp_path / "davit_tiny.msft_in1k.pth"
+    )
+    overlay = dict(hf_hub_id=None, url=SHARE_LINK)
+    model = zoo.create_model("davit_tiny", pretrained=True, pretrained_cfg_overlay=overlay, cache_dir=tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), expected)

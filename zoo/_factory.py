@@ -95,6 +95,19 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".tar", ".ckpt", ".npz")
+
+
+def _url_filename(name: str, url: str) -> str:
+    """Cache file name of a URL: timm's (the URL's basename) unless that names no checkpoint.
+
+    Share links (e.g. ``.../root/content``) end in the same word for every variant; they are cached as
+    ``<arch.tag>.pth`` so that two variants never overwrite each other.
+    """
+    basename = os.path.basename(url.split("?")[0])
+    return basename if basename.endswith(_CHECKPOINT_SUFFIXES) else f"{name}.pth"
+
+
 def fetch_pretrained_file(name: str, cfg: PretrainedCfg, cache_dir: str | Path | None = None) -> str:
     """Local path of the weight file of ``cfg`` (downloading when online), in timm's source order.
 
@@ -133,15 +146,15 @@ def fetch_pretrained_file(name: str, cfg: PretrainedCfg, cache_dir: str | Path |
     if cfg.url:
         from timm.models._hub import download_cached_file, get_cache_dir
 
-        cached_file = Path(cache_dir or get_cache_dir()) / os.path.basename(cfg.url.split("?")[0])
+        filename = _url_filename(name, cfg.url)
+        cached_file = Path(cache_dir or get_cache_dir()) / filename
         try:
             if cached_file.is_file():
                 return str(cached_file)
             if not _reachable(cfg.url):
                 raise ConnectionError(f"{cfg.url} is not reachable")
-            return download_cached_file(cfg.url, cache_dir=cache_dir)
+            return download_cached_file((cfg.url, filename), cache_dir=cache_dir)
         except Exception as e:
-            filename = os.path.basename(cfg.url.split("?")[0])
             hub = f" (or 'model.safetensors' from the Hub repo '{cfg.hf_hub_id}')" if cfg.hf_hub_id else ""
             expected = f"'{filename}' from {cfg.url}{hub}"
             raise PretrainedWeightsUnavailableError(_weights_hint(name, cfg, expected)) from e
