@@ -1,0 +1,287 @@
+"""Triton backend of routed attention (``backend="triton"``): fused forward and deterministic backward.
+
+* Forward (``_routed_fwd_kernel``): one program per (query tile of a region, batch x head); it loops over the
+  ``topk`` routed regions, loading their K/V tiles in place by index (no gathered copy), with an online
+  softmax in fp32; it stores the output and the per-query log-sum-exp.
+* Backward: ``delta = rowsum(dO * O)`` in torch, then ``_routed_bwd_dq_kernel`` (query-centric, like the
+  forward) and ``_routed_bwd_dkdv_kernel`` (key-centric): each key tile sums over the query regions that routed
+  to its region, read from inverted routing lists built with a stable sort. Every gradient element is
+  written by one program in a fixed order: no atomics, bitwise reproducible.
+
+Both passes are torch custom ops (``zoo::routed_attn_triton_fwd/bwd``) with FLOP formulas. The kernels run on
+CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from ._common import RoutedProblem, interpreter_enabled
+from .lean import routed_flops
+
+__all__ = ["auto_check_triton", "check_triton", "inverted_routing", "routed_attention_triton"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:  # pragma: no cover - triton ships with CUDA builds of torch
+        return f"triton is not importable ({err})"
+    return None
+
+
+def _kernels():
+    """The kernel module, imported at first use so that ``TRITON_INTERPRET`` set before that point applies."""
+    from . import _routed_kernels
+
+    return _routed_kernels
+
+
+def kernels_mode_mismatch(device: torch.device) -> str | None:
+    """Reason the already-defined kernels cannot run on ``device`` (compiled vs interpreted), if any."""
+    module = sys.modules.get(f"{__package__}._routed_kernels")
+    if module is None:
+        return None
+    interpreted = type(module._routed_fwd_kernel).__name__ == "InterpretedFunction"
+    if device.type == "cpu" and not interpreted:
+        return "the Triton kernels were first used with TRITON_INTERPRET unset, so they compile for the GPU only"
+    if device.type == "cuda" and interpreted:
+        return "the Triton kernels were defined under TRITON_INTERPRET=1 (interpreter, CPU tensors only)"
+    return None
+
+
+def check_triton(problem: RoutedProblem) -> str | None:
+    """None if the Triton kernels run these inputs, else why not."""
+    reason = _triton_import_error()
+    if reason:
+        return reason
+    if problem.device.type == "cpu":
+        if not interpreter_enabled():
+            return "tensors are on CPU; Triton needs CUDA (or TRITON_INTERPRET=1 to interpret the kernels, for tests)"
+    elif problem.device.type != "cuda":
+        return f"Triton kernels run on CUDA only, got device {problem.device}"
+    reason = kernels_mode_mismatch(problem.device)
+    if reason:
+        return reason
+    if problem.dtype not in _TRITON_DTYPES:
+        return f"dtype {problem.dtype} is not supported (float16, bfloat16, float32)"
+    if max(problem.d_qk, problem.d_v) > MAX_HEAD_DIM:
+        return f"head dims d_qk={problem.d_qk}, d_v={problem.d_v} exceed {MAX_HEAD_DIM}"
+    return None
+
+
+def auto_check_triton(problem: RoutedProblem) -> str | None:
+    if problem.device.type != "cuda":
+        return "the Triton interpreter on CPU is for tests (slow); force backend='triton' to use it"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- launching
+
+
+def _block_sizes(rh: int, rw: int, d_qk: int, d_v: int) -> dict[str, int]:
+    tokens = rh * rw
+    block = min(64, max(16, triton_next_pow2(tokens)))  # tl.dot needs >= 16; 64 keeps registers in check
+    return {
+        "BLOCK_M": block,
+        "BLOCK_N": block,
+        "BLOCK_DQK": max(16, triton_next_pow2(d_qk)),
+        "BLOCK_DV": max(16, triton_next_pow2(d_v)),
+        "N_MT": math.ceil(tokens / block),
+        "N_NT": math.ceil(tokens / block),
+        "RH": rh,
+        "RW": rw,
+    }
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def _launch_options(blocks: dict[str, int], dtype: torch.dtype) -> dict[str, object]:
+    K = _kernels()
+    # fp32 inputs keep fp32 accuracy (no TF32); warps and stages come from the autotune list unless it is off
+    options: dict[str, object] = {"PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    if not K.AUTOTUNE:
+        options["num_warps"] = K.default_num_warps(blocks["BLOCK_M"], max(blocks["BLOCK_DQK"], blocks["BLOCK_DV"]))
+    return options
+
+
+def inverted_routing(idx: torch.Tensor, num_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query regions per key region, for the key-centric backward.
+
+    Args:
+        idx: int ``(G, R, topk)`` routing per group ``g`` (batch, or batch x head).
+
+    Returns:
+        ``qlist`` int32 ``(G, R*topk)`` and ``offsets`` int32 ``(G, R+1)``: the query regions routed to key region
+        ``s`` are ``qlist[g, offsets[g, s]:offsets[g, s+1]]``, ascending (stable sort: deterministic).
+    """
+    G, R, topk = idx.shape
+    keys, order = idx.reshape(G, R * topk).sort(dim=-1, stable=True)
+    qlist = torch.div(order, topk, rounding_mode="floor").to(torch.int32).contiguous()
+    bounds = torch.arange(num_regions + 1, device=idx.device, dtype=keys.dtype).expand(G, -1).contiguous()
+    offsets = torch.searchsorted(keys.contiguous(), bounds).to(torch.int32).contiguous()
+    return qlist, offsets
+
+
+def _triton_forward(q, k, v, idx, rh, rw, scale, valid_h, valid_w):
+    K = _kernels()
+    B, nh, H, W, d_qk = q.shape
+    d_v = v.shape[-1]
+    R = (H // rh) * (W // rw)
+    out = torch.empty(B, nh, H, W, d_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, nh, H, W, dtype=torch.float32, device=q.device)
+    idx32 = idx.to(torch.int32)
+    sib, sih, sir, sit = idx32.stride()
+    sih = sih if idx32.shape[1] > 1 else 0  # shared routing: every head reads the batch's table
+    blocks = _block_sizes(rh, rw, d_qk, d_v)
+    grid = (R * blocks["N_MT"], B * nh)
+    vh, vw = (H, W) if valid_h < 0 else (valid_h, valid_w)
+    K.routed_fwd[grid](
+        q, k, v, idx32, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        sib, sih, sir, sit, *lse.stride(),
+        nh, W // rw, idx32.shape[-1], d_qk, d_v, vh, vw, scale * math.log2(math.e),
+        **blocks, **_launch_options(blocks, q.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
+def _triton_backward(grad_out, q, k, v, out, lse, idx, rh, rw, scale, valid_h, valid_w):
+    K = _kernels()
+    B, nh, H, W, d_qk = q.shape
+    d_v = v.shape[-1]
+    R = (H // rh) * (W // rw)
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)  # (B, nh, H, W)
+    dq = torch.empty(B, nh, H, W, d_qk, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, nh, H, W, d_qk, dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, nh, H, W, d_v, dtype=v.dtype, device=q.device)
+    idx32 = idx.to(torch.int32)
+    sib, sih, sir, sit = idx32.stride()
+    idx_heads = idx32.shape[1]
+    sih = sih if idx_heads > 1 else 0
+    blocks = _block_sizes(rh, rw, d_qk, d_v)
+    options = _launch_options(blocks, q.dtype)
+    vh, vw = (H, W) if valid_h < 0 else (valid_h, valid_w)
+    qk_scale = scale * math.log2(math.e)
+    K.routed_bwd_dq[(R * blocks["N_MT"], B * nh)](
+        q, k, v, grad_out, lse, delta, idx32, dq,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        sib, sih, sir, sit, *lse.stride(),
+        nh, W // rw, idx32.shape[-1], d_qk, d_v, vh, vw, qk_scale, scale,
+        **blocks, **options,
+    )  # fmt: skip
+    qlist, offsets = inverted_routing(idx.reshape(B * idx_heads, R, -1), R)
+    K.routed_bwd_dkdv[(R * blocks["N_NT"], B * nh)](
+        q, k, v, grad_out, lse, delta, qlist, offsets, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
+        nh, idx_heads, R, qlist.shape[-1], W // rw, d_qk, d_v, vh, vw, qk_scale, scale,
+        **blocks, **options,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("zoo::routed_attn_triton_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def routed_attn_triton_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    rh: int,
+    rw: int,
+    scale: float,
+    valid_h: int,
+    valid_w: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, nh, H, W, d_v), lse (B, nh, H, W) fp32 base-2)``; ``idx`` int32 ``(B, nh|1, R, topk)``."""
+    return _triton_forward(q, k, v, idx, rh, rw, scale, valid_h, valid_w)
+
+
+@routed_attn_triton_fwd.register_fake
+def _(q, k, v, idx, rh, rw, scale, valid_h, valid_w):
+    B, nh, H, W, _ = q.shape
+    return q.new_empty(B, nh, H, W, v.shape[-1]), q.new_empty(B, nh, H, W, dtype=torch.float32)
+
+
+@torch.library.custom_op("zoo::routed_attn_triton_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def routed_attn_triton_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    idx: torch.Tensor,
+    rh: int,
+    rw: int,
+    scale: float,
+    valid_h: int,
+    valid_w: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, contiguous, shaped like ``q, k, v``."""
+    return _triton_backward(grad_out, q, k, v, out, lse, idx, rh, rw, scale, valid_h, valid_w)
+
+
+@routed_attn_triton_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, idx, rh, rw, scale, valid_h, valid_w):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, idx, rh, rw, scale, valid_h, valid_w = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, idx)
+    ctx.args = (rh, rw, scale, valid_h, valid_w)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, idx = ctx.saved_tensors
+    dq, dk, dv = routed_attn_triton_bwd(grad_out, q, k, v, out, lse, idx, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+routed_attn_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.zoo.routed_attn_triton_fwd)
+def _triton_fwd_flop(q_shape, k_shape, v_shape, idx_shape, rh, rw, *args, out_shape=None, **kwargs) -> int:
+    B, nh, H, W, d_qk = q_shape
+    return routed_flops(B, nh, H * W, idx_shape[-1] * rh * rw, d_qk, v_shape[-1])
+
+
+@register_flop_formula(torch.ops.zoo.routed_attn_triton_bwd)
+def _triton_bwd_flop(grad_shape, q_shape, k_shape, v_shape, o_shape, lse_shape, idx_shape, rh, rw, *a, **kw) -> int:
+    B, nh, H, W, d_qk = q_shape  # 2x forward, as the reference's autograd backward (recompute excluded)
+    return 2 * routed_flops(B, nh, H * W, idx_shape[-1] * rh * rw, d_qk, v_shape[-1])
+
+
+def routed_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    routing_idx: torch.Tensor,
+    region_size: tuple[int, int],
+    scale: float,
+    key_padding: tuple[int, int] | None,
+) -> torch.Tensor:
+    """Backend entry point; arguments as :func:`zoo.ops.routed_attention` (already validated)."""
+    valid_h, valid_w = key_padding if key_padding is not None else (-1, -1)
+    idx = (routing_idx if routing_idx.dim() == 4 else routing_idx.unsqueeze(1)).to(torch.int32).contiguous()
+    out, _ = routed_attn_triton_fwd(q, k, v, idx, *region_size, scale, valid_h, valid_w)
+    return out
