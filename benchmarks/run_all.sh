@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
-[ -f benchmarks/ops_bench.py ] && $PY benchmarks/ops_bench.py --device cpu --out "$OUT"
-[ -f benchmarks/biformer_bench.py ] && $PY benchmarks/biformer_bench.py --device cpu --out "$OUT"
+$PY benchmarks/ops_bench.py --device cpu --out "$OUT"
+$PY benchmarks/biformer_bench.py --device cpu --out "$OUT"
+[ -f benchmarks/halonet_bench.py ] && $PY benchmarks/halonet_bench.py --device cpu --out "$OUT"
 $PY -m zoo.cli bench davit_tiny --vs swin_tiny_patch4_window7_224 -b 8 --iters 3 --out "$OUT/models_cpu.csv"
