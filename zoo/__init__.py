@@ -22,7 +22,7 @@ from ._registry import (
 )
 from .version import __version__
 
-from . import models  # noqa: E402,F401  (registers the families)  isort: skip
+from . import heads, models  # noqa: E402,F401  (registers the families)  isort: skip
 
 __all__ = [
     "KINDS",

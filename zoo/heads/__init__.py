@@ -1,0 +1,3 @@
+"""Heads that are not backbones (MIL, probing, scanpath); importing a module registers its entries."""
+
+from . import mil  # noqa: F401
