@@ -24,12 +24,10 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,33 +35,9 @@ import torch
 import zoo
 import zoo.models.biformer  # noqa: F401  (registers the family until zoo.models imports it)
 import zoo.ops
+from zoo.tools.bench import autocast_for, device_name, sync
 
 PEER = "torch"  # the original gather formulation
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
 def _build(name: str, device: torch.device, backend: str | None) -> torch.nn.Module:
@@ -76,10 +50,10 @@ def _time_interleaved(fns: dict[str, callable], device: torch.device, warmup: in
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + iters):
         for key, fn in fns.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             if i >= warmup:
                 times[key].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -94,7 +68,7 @@ def _rss_bytes(field: str) -> int:
 
 def _train_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: str) -> None:
     model.zero_grad(set_to_none=True)
-    with _autocast(device, amp):
+    with autocast_for(device, amp):
         loss = model(x).float().logsumexp(-1).mean()
     loss.backward()
 
@@ -106,11 +80,11 @@ def peak_train_memory(name: str, backend: str | None, device: torch.device, batc
     _train_step(model, x, device, amp)  # warm-up: one-time buffers are not the step's memory
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         _train_step(model, x, device, amp)
-        _sync(device)
+        sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark (Linux)
     base = _rss_bytes("VmRSS")
@@ -157,7 +131,7 @@ def main() -> None:
     rows = []
     meta = dict(
         date=dt.datetime.now().isoformat(timespec="seconds"),
-        device=_device_name(device),
+        device=device_name(device),
         torch=torch.__version__,
         model=args.model,
         img_size=args.img_size,
@@ -168,7 +142,7 @@ def main() -> None:
 
     def infer(model):
         def run():
-            with torch.no_grad(), _autocast(device, args.amp):
+            with torch.no_grad(), autocast_for(device, args.amp):
                 model(x)
 
         return run

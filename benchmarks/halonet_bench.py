@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import timm
@@ -39,32 +37,8 @@ import torch
 
 import zoo
 import zoo.models.halonet  # noqa: F401  (registers the family until zoo.models imports it)
+from zoo.tools.bench import autocast_for, device_name, sync
 from zoo.tools.memory import track_peak_memory
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
 def _interleaved(
@@ -76,10 +50,10 @@ def _interleaved(
     for i in range(warmup + iters):
         order = list(fns) if i % 2 == 0 else list(fns)[::-1]
         for key in order:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fns[key]()
-            _sync(device)
+            sync(device)
             if i >= warmup:
                 times[key].append(time.perf_counter() - start)
     ratio = statistics.median(o / p for o, p in zip(times["ours"], times["peer"]))
@@ -88,7 +62,7 @@ def _interleaved(
 
 def _train_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: str) -> None:
     model.zero_grad(set_to_none=True)
-    with _autocast(device, amp):
+    with autocast_for(device, amp):
         loss = model(x).float().logsumexp(-1).mean()
     loss.backward()
 
@@ -128,12 +102,12 @@ def main() -> None:
     ours = zoo.create_model(args.model).to(device).eval()
     ours.load_state_dict(peer.state_dict(), strict=True)
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
-    with torch.no_grad(), _autocast(device, amp):
+    with torch.no_grad(), autocast_for(device, amp):
         max_diff = (ours(x[:2]).float() - peer(x[:2]).float()).abs().max().item()
 
     meta = dict(
         date=dt.datetime.now().isoformat(timespec="seconds"),
-        device=_device_name(device),
+        device=device_name(device),
         torch=torch.__version__,
         timm=timm.__version__,
         model=args.model,
@@ -146,7 +120,7 @@ def main() -> None:
 
     def infer(model: torch.nn.Module) -> Callable[[], None]:
         def run() -> None:
-            with torch.no_grad(), _autocast(device, amp):
+            with torch.no_grad(), autocast_for(device, amp):
                 model(x)
 
         return run

@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from .._factory import create_model
 from .memory import track_peak_memory
 
-__all__ = ["BenchRow", "benchmark_models", "write_csv", "device_name"]
+__all__ = ["BenchRow", "autocast_for", "benchmark_models", "device_name", "sync", "write_csv"]
 
 
 @dataclass
@@ -46,14 +47,31 @@ class BenchRow:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and torch's thread count (for result files)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work (no-op on CPU) so that a timer measures the work, not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def autocast_for(device: torch.device, amp: str) -> AbstractContextManager:
+    """Autocast context for ``amp`` in ``none`` / ``bf16`` / ``fp16``."""
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
 def _round_robin(steps: dict[str, Callable[[], None]], iters: int, warmup: int, device: torch.device) -> dict:
@@ -63,10 +81,10 @@ def _round_robin(steps: dict[str, Callable[[], None]], iters: int, warmup: int, 
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(iters):
         for name, step in steps.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             step()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
