@@ -1,0 +1,279 @@
+"""The training configuration: a typed dataclass tree, filled from defaults < YAML recipe < command line.
+
+Every option is a dataclass field with a default and a one-line ``help`` (``metadata``); the command line
+is generated from the tree as ``--section.option`` (``--optim.lr 1e-3``; dashes and underscores both work),
+plus short aliases for the everyday ones (``--model``, ``--data``, ``--epochs``, ``--batch-size``, ``--lr``,
+``--out``, ``--resume``). ``--config recipe.yaml`` (or a recipe name under ``zoo/train/recipes/``) overlays a
+YAML mapping of the same sections first; flags given explicitly win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a default and its one-line help."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=dict(help=help, **kw))
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("biformer_tiny", "registry name (zoo's, then timm's), e.g. biformer_tiny, davit_tiny")
+    kwargs: dict = option({}, "extra create_model kwargs as a YAML/JSON mapping, e.g. '{n_win: 4, depths: [1,1,2,1]}'")
+    pretrained: bool = option(False, "load the registry's pretrained weights (must be available offline)")
+    checkpoint_path: str = option("", "timm-format weights loaded after the build (fine-tuning)")
+    drop_rate: float = option(0.0, "dropout before the classifier")
+    drop_path_rate: float = option(0.1, "stochastic depth rate (linear over blocks)")
+    grad_checkpointing: bool = option(False, "activation checkpointing (model.set_grad_checkpointing)")
+    channels_last: bool = option(False, "channels-last memory format for model and inputs")
+    compile: bool = option(False, "torch.compile the model")
+    sync_bn: bool = option(False, "convert BatchNorm to SyncBatchNorm under DDP")
+
+
+@dataclass
+class DataConfig:
+    source: str = option("digits", "fashion_mnist | digits (embedded), a folder with train/ and val/, or 'wds'")
+    train_split: str = option("train", "sub-folder of the training images")
+    val_split: str = option("val", "sub-folder of the validation images")
+    img_size: int = option(0, "train/eval input size; 0 = the model's pretrained_cfg input size")
+    in_chans: int = option(0, "input channels; 0 = 1 for the gray embedded sets, else 3")
+    num_workers: int = option(2, "DataLoader worker processes per rank")
+    limit_train: int = option(0, "use only the first N training samples (0 = all)")
+    limit_val: int = option(0, "use only the first N validation samples (0 = all)")
+    corrupt: str = option("skip", "an unreadable image: 'skip' (reported by path, counted) or 'raise' (fail fast)")
+    wds_train: str = option("", "WebDataset training shards (brace pattern), with --data wds")
+    wds_val: str = option("", "WebDataset validation shards, with --data wds")
+    wds_train_samples: int = option(0, "samples per training epoch of the WebDataset stream")
+    wds_num_classes: int = option(0, "classes of a WebDataset source")
+
+
+@dataclass
+class AugConfig:
+    no_aug: bool = option(False, "no training augmentation at all (resize + normalise only)")
+    scale: list = option([0.08, 1.0], "RandomResizedCrop scale range")
+    hflip: float = option(0.5, "horizontal flip probability")
+    auto_augment: str = option("", "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 ('' = none)")
+    color_jitter: float = option(0.4, "colour jitter strength (ignored with auto_augment)")
+    reprob: float = option(0.0, "random erasing probability")
+    remode: str = option("pixel", "random erasing mode")
+    interpolation: str = option("", "resize interpolation; '' = the model's pretrained_cfg")
+    crop_pct: float = option(0.0, "eval centre-crop fraction; 0 = the model's pretrained_cfg")
+    mixup: float = option(0.0, "mixup alpha (0 = off)")
+    cutmix: float = option(0.0, "cutmix alpha (0 = off)")
+    mixup_prob: float = option(1.0, "probability of applying mixup or cutmix to a batch")
+    mixup_switch_prob: float = option(0.5, "probability of cutmix instead of mixup when both are on")
+    label_smoothing: float = option(0.1, "label smoothing")
+    repeated_aug: int = option(0, "repeated augmentation: repeats per sample (0 = off; DeiT uses 3)")
+
+
+@dataclass
+class OptimConfig:
+    opt: str = option("adamw", "timm optimizer name: adamw, lamb, sgd, ...")
+    lr: float = option(1e-3, "peak learning rate (at lr_base_size when that is set)")
+    lr_base_size: int = option(0, "scale lr linearly by global_batch / lr_base_size (0 = use lr as given)")
+    weight_decay: float = option(0.05, "weight decay (not applied to norms and biases)")
+    momentum: float = option(0.9, "SGD momentum")
+    eps: float = option(1e-8, "optimizer epsilon")
+    layer_decay: float = option(0.0, "layer-wise lr decay via the model's group_matcher (0 = off)")
+    clip_grad: float = option(0.0, "gradient clipping threshold (0 = off)")
+    clip_mode: str = option("norm", "clipping mode: norm, value, agc")
+
+
+@dataclass
+class ScheduleConfig:
+    sched: str = option("cosine", "timm scheduler: cosine, step, plateau, ... (stepped per update)")
+    epochs: int = option(10, "training epochs")
+    warmup_epochs: int = option(1, "linear warm-up epochs")
+    warmup_lr: float = option(1e-6, "learning rate at the start of warm-up")
+    min_lr: float = option(1e-5, "final learning rate of the cosine")
+
+
+@dataclass
+class LoopConfig:
+    batch_size: int = option(128, "GLOBAL batch per optimizer step (split over ranks and accumulation steps)")
+    grad_accum: int = option(1, "gradient accumulation micro-steps per optimizer step")
+    amp: str = option("none", "autocast dtype: none, bf16, fp16 (fp16 uses a GradScaler)")
+    ema: bool = option(False, "keep an EMA of the weights (timm ModelEmaV3)")
+    ema_decay: float = option(0.9998, "EMA decay")
+    eval_ema: bool = option(False, "evaluate the EMA weights instead of the raw ones")
+    seed: int = option(0, "seed; rank r seeds with seed + r, augmentation is seeded per sample")
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = run all epochs)")
+    time_limit: float = option(0.0, "stop cleanly after this many seconds of training and evaluate (0 = none)")
+    eval_every: int = option(1, "evaluate every N epochs (and always at the end)")
+    device: str = option("", "cpu, cuda; '' = cuda when available")
+    nan_check: bool = option(True, "stop with an error naming the step when the loss is not finite")
+    threads: int = option(0, "intra-op CPU threads per rank (0 = torch's default; 1 is fastest on a busy CPU)")
+    deterministic: bool = option(False, "torch.use_deterministic_algorithms (bitwise reruns on GPU)")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = option("", "checkpoint folder; '' = OUT/checkpoints")
+    every_steps: int = option(0, "also checkpoint every N optimizer steps (0 = at epoch ends only)")
+    keep_last: int = option(3, "step checkpoints kept besides the best")
+    resume: str = option("", "'auto' = newest valid checkpoint in the folder, or a checkpoint file")
+
+
+@dataclass
+class LogConfig:
+    out: str = option("runs/train", "run folder: metrics.csv, curves.png, config.yaml, checkpoints/")
+    backends: list = option(["csv"], "any of csv, tensorboard, wandb (wandb offline unless configured)")
+    run_name: str = option("", "run name for TensorBoard / wandb")
+    every: int = option(20, "steps between plain progress lines when stdout is not a TTY")
+    plot: bool = option(True, "write curves.png at the end")
+    step_every: int = option(10, "write step, loss, lr to steps.csv every N optimizer steps (0 = off)")
+
+
+@dataclass
+class DistConfig:
+    strategy: str = option("ddp", "ddp or fsdp (FSDP2 fully_shard per block) when launched by torchrun")
+    backend: str = option("", "process group backend; '' = nccl on CUDA, gloo on CPU")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+# everyday flags: alias -> (section, option)
+ALIASES = {
+    "model": ("model", "name"),
+    "data": ("data", "source"),
+    "epochs": ("schedule", "epochs"),
+    "batch-size": ("loop", "batch_size"),
+    "lr": ("optim", "lr"),
+    "out": ("log", "out"),
+    "resume": ("checkpoint", "resume"),
+    "seed": ("loop", "seed"),
+    "log": ("log", "backends"),
+}
+
+
+def _section_class(section: str) -> type:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]  # type: ignore[return-value]
+
+
+def _parse_value(kind: type, text: str) -> Any:
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    if kind in (dict, list):
+        value = yaml.safe_load(text)
+        if kind is list and not isinstance(value, list):
+            value = [v.strip() for v in str(value).split(",")] if value is not None else []
+        if kind is dict and not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"expected a YAML/JSON mapping, got {text!r}")
+        return value
+    return kind(text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one ``--section.option`` flag per config field (plus aliases) to ``parser``."""
+    parser.add_argument("--config", default=None, help="YAML recipe (path, or a name in zoo/train/recipes/)")
+    hints = {name: typing.get_type_hints(_section_class(name)) for name in SECTIONS}
+    alias_of = {v: k for k, v in ALIASES.items()}
+    for section in SECTIONS:
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(_section_class(section)):
+            kind = hints[section][f.name]
+            names = [f"--{section}.{f.name}"]
+            if "_" in f.name:
+                names.append(f"--{section}.{f.name.replace('_', '-')}")
+            if (section, f.name) in alias_of:
+                names.insert(0, f"--{alias_of[(section, f.name)]}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(
+                *names,
+                dest=f"{section}.{f.name}",
+                type=lambda text, k=kind: _parse_value(k, text),
+                default=argparse.SUPPRESS,  # only flags given explicitly override the recipe
+                metavar=kind.__name__.upper(),
+                help=f"{f.metadata['help']} (default: {default!r})",
+            )
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A YAML recipe as a nested dict; a bare name is looked up in ``zoo/train/recipes/``."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        candidate = RECIPES_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+        if not candidate.is_file():
+            known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"recipe {name_or_path!r} not found (no such file; recipes: {known})")
+        path = candidate
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], origin: str = "recipe") -> Config:
+    """Overlay a nested ``{section: {option: value}}`` mapping on ``cfg`` (in place); unknown keys are errors."""
+    for section, values in overrides.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, SECTIONS, n=3)
+            raise ValueError(f"{origin}: unknown section {section!r}; sections: {list(SECTIONS)} (close: {close})")
+        target = getattr(cfg, section)
+        if not isinstance(values, dict):
+            raise ValueError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
+        names = {f.name for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3)
+                raise ValueError(f"{origin}: unknown option {section}.{key}; did you mean {close}?")
+            setattr(target, key, value)
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then the ``--config`` recipe, then the explicit flags."""
+    cfg = Config()
+    if getattr(args, "config", None):
+        apply_overrides(cfg, load_recipe(args.config), origin=f"recipe {args.config}")
+    flags: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            flags.setdefault(section, {})[name] = value
+    return apply_overrides(cfg, flags, origin="command line")
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (written next to the run's metrics)."""
+    return yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a ``Config`` from ``Config.to_dict()`` output (as stored in checkpoints)."""
+    return apply_overrides(Config(), data, origin="stored config")
