@@ -60,3 +60,13 @@ def test_export_command_reads_back_in_timm(tmp_path) -> None:
     model = timm.create_model(f"local-dir:{out_dir}", pretrained=True).eval()
     assert model.num_classes == 3
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("kind", ["backbone", "mil_head", "probe"])
+def test_card_usage_snippet_runs(kind: str) -> None:
+    """The usage snippet of a card is real code: it runs as printed."""
+    import re
+
+    name = min(zoo.list_models(kind=kind), key=len) if kind != "backbone" else "davit_tiny"
+    code = re.search(r"```python\n(.*?)```", render_card(name), re.S).group(1)
+    exec(compile(code, f"<card {name}>", "exec"), {})

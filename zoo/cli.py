@@ -1,4 +1,4 @@
-"""The ``zoo`` command: list, info, card, bench, export, demo.
+"""The ``zoo`` command: list, info, card, bench, export, demo, train, validate, wsi, mil, probe, scanpath.
 
 Each verb is a thin wrapper over a function of the package (``zoo.list_models``, ``zoo.tools.*``), so
 everything the command does is also reachable from Python.
@@ -108,8 +108,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from zoo.tools.demo import run_demo
 
-    run_demo(bench_iters=args.iters)
-    return 0
+    return run_demo(data=args.data, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,9 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("demo", help="an offline tour: registry, info, features, export to timm, timing")
-    p.add_argument("--iters", type=int, default=3, help="timed rounds of the benchmark part")
+    p = sub.add_parser("demo", help="train a BiFormer on embedded Fashion-MNIST (else digits) on the CPU, validate it")
+    p.add_argument("--data", default="auto", choices=["auto", "fashion_mnist", "digits"], help="auto: Fashion-MNIST")
+    p.add_argument("--out", default="runs/demo", help="run folder")
     p.set_defaults(func=_cmd_demo)
+
+    # entry points of the training package, the whole-slide pipeline and the heads register their own verbs
+    from zoo.data.wsi import add_cli as add_wsi_cli
+    from zoo.train.cli import add_cli as add_train_cli
+    from zoo.train.mil import add_cli as add_mil_cli
+    from zoo.train.probe import add_cli as add_probe_cli
+    from zoo.train.scanpath import add_cli as add_scanpath_cli
+
+    add_train_cli(sub)  # zoo train, zoo validate
+    add_wsi_cli(sub)  # zoo wsi info|extract|heatmap
+    add_mil_cli(sub)  # zoo mil train
+    add_probe_cli(sub)  # zoo probe
+    add_scanpath_cli(sub)  # zoo scanpath train|eval|predict
     return parser
 
 

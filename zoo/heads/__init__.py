@@ -1,3 +1,3 @@
 """Heads that are not backbones (MIL, probing, scanpath); importing a module registers its entries."""
 
-from . import mil  # noqa: F401
+from . import mil, probing, scanpath  # noqa: F401

@@ -34,10 +34,17 @@ def measured_accuracy(name: str, results_dir: Path = RESULTS_DIR) -> list[dict[s
 
 def _usage(name: str, info: ModelInfo) -> str:
     if info.kind != "backbone":
+        example = {
+            "mil_head": f'head = zoo.create_model("{name}", in_dim=512, num_classes=2)\n'
+            "out = head(torch.randn(1000, 512))  # one bag of 1000 instance features -> out['logits'] (1, 2)",
+            "probe": f'probe = zoo.create_model("{name}", embed_dim=768, num_classes=1000)\n'
+            "logits = probe(torch.randn(8, 196, 768))  # frozen backbone tokens (B, N, D) -> (8, 1000)",
+        }.get(info.kind, f'model = zoo.create_model("{name}")  # inputs: see the module docstring')
         return f"""```python
+import torch
 import zoo
 
-head = zoo.create_model("{name}", num_classes=2)  # see the module docstring for its inputs
+{example}
 ```"""
     return f"""```python
 import torch
