@@ -52,7 +52,7 @@ setup(
         "segmentation": ["segmentation-models-pytorch"],
         "wsi": ["openslide-python", "openslide-bin", "tiffslide", "tifffile", "h5py", "scikit-image", "scipy"],
         "scanpath": ["scikit-image", "multimatch-gaze", "pillow"],
-        "medical": ["pydicom"],
+        "medical": ["pydicom", "pillow"],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["zoo=zoo.cli:main"]},

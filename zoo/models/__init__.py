@@ -1,3 +1,3 @@
 """Backbone families, one module each; importing a module registers its architectures."""
 
-from . import biformer, davit, halonet  # noqa: F401
+from . import biformer, davit, halonet, medusa  # noqa: F401
