@@ -49,7 +49,7 @@ setup(
         ],
         "train": ["matplotlib", "tensorboard", "webdataset", "scikit-learn"],
         "detection": ["pycocotools"],
-        "segmentation": ["segmentation-models-pytorch"],
+        "segmentation": ["segmentation-models-pytorch>=0.6", "transformers>=5"],
         "wsi": ["openslide-python", "openslide-bin", "tiffslide", "tifffile", "h5py", "scikit-image", "scipy"],
         "scanpath": ["scikit-image", "multimatch-gaze", "pillow"],
         "medical": ["pydicom", "pillow"],
