@@ -249,17 +249,29 @@ def main(argv: list[str] | None = None) -> None:
     date = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"device {device_name}, {dtype}, torch {torch.__version__}, triton {triton_version}, batches {batches}")
 
+    fields = [
+        "op", "shape", "batch", "mode", "peer", "ms", "ratio_vs_reference", "peak_mb", "achieved_gbs",
+        "floor_fraction", "note", "device", "dtype", "torch", "triton", "date",
+    ]  # fmt: skip
+
+    def write(rows: list[dict]) -> None:
+        # rewritten after every case: a time-boxed run (make gpu-check) keeps what it measured
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
     rows = []
     jobs = [("routed", s, routed_peers) for s in ROUTED_STAGES] + [("halo", s, halo_peers) for s in HALO_LAYERS]
-    for op, shape, build in jobs:
-        if op not in args.ops or (args.stages and shape[0] not in args.stages):
-            continue
-        for batch in batches:
+    for batch in batches:  # batch-major, in the order given: the target batch first when time is short
+        for op, shape, build in jobs:
+            if op not in args.ops or (args.stages and shape[0] not in args.stages):
+                continue
             for mode in args.modes:
                 peers, floor_bytes = build(batch, shape, device, dtype, mode == "fwd_bwd")
                 times = time_interleaved(peers, device, args.rounds, iters)
                 base = times.get("torch") if op == "routed" else times.get("timm_haloattn")
-                print(f"\n{op} {shape[0]} batch {batch} {mode} (floor {floor_bytes / 1e6:.1f} MB)")
+                print(f"\n{op} {shape[0]} batch {batch} {mode} (floor {floor_bytes / 1e6:.1f} MB)", flush=True)
                 for p in peers:
                     row = {
                         "op": op, "shape": shape[0], "batch": batch, "mode": mode, "peer": p.name,
@@ -282,17 +294,12 @@ def main(argv: list[str] | None = None) -> None:
                         print(
                             f"  {p.name:16s} {seconds * 1e3:10.3f} ms  x{seconds / base:6.3f} vs ref  "
                             f"peak {memory / 1e6:9.2f} MB  {row['achieved_gbs']:8.2f} GB/s"
-                            + (f"  {row['floor_fraction']:.1%} of floor" if bandwidth else "")
+                            + (f"  {row['floor_fraction']:.1%} of floor" if bandwidth else ""),
+                            flush=True,
                         )
                     rows.append(row)
-    fields = [
-        "op", "shape", "batch", "mode", "peer", "ms", "ratio_vs_reference", "peak_mb", "achieved_gbs",
-        "floor_fraction", "note", "device", "dtype", "torch", "triton", "date",
-    ]  # fmt: skip
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+                write(rows)
+                del peers
     print(f"\nwrote {csv_path}")
 
 
