@@ -83,10 +83,14 @@ def peak_memory(fn: Callable[[], object], device: str) -> float:
 
 def time_interleaved(peers: list[Peer], device: str, rounds: int, iters: int) -> dict[str, float]:
     """Median seconds per call, peers in rotating order each round (load drifts hit every peer alike)."""
+    for p in peers:  # warm-up: compilation, autotuning, allocator; a peer that fails is reported, not fatal
+        if p.reason is None:
+            try:
+                p.fn()
+                sync(device)
+            except Exception as err:  # noqa: BLE001
+                p.reason = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     runnable = [p for p in peers if p.reason is None]
-    for p in runnable:  # warm-up: compilation, autotuning, allocator
-        p.fn()
-    sync(device)
     samples: dict[str, list[float]] = {p.name: [] for p in runnable}
     for r in range(rounds):
         order = runnable[r % len(runnable) :] + runnable[: r % len(runnable)]

@@ -50,8 +50,9 @@ def check_flex_routed(problem: RoutedProblem) -> str | None:
 
 @functools.cache
 def _compiled_flex():
-    # default dynamic: after the first recompile shapes become symbolic (fewer recompiles across batch sizes)
-    return torch.compile(_flex_module().flex_attention)
+    # static shapes: with torch's default (symbolic after the first recompile) the backward of a second shape
+    # fails to lower on CUDA (torch 2.11, H200: "NoValidChoicesError ... flex_attention_backward")
+    return torch.compile(_flex_module().flex_attention, dynamic=False)
 
 
 def _routing_table(idx: torch.Tensor, num_regions: int) -> torch.Tensor:
