@@ -8,7 +8,8 @@ layer with its attention core replaced by ``zoo.ops.halo_attention`` (torch refe
 For every (shape, batch, mode) the peers run in rotating order for ``--rounds`` rounds (``--iters`` calls each);
 the median per-call time, the ratio to the reference, the peak memory of one call, and (on GPU) the achieved
 bytes/s and fraction of the memory-bandwidth floor are printed and written to ``<out>/ops_<device>.csv`` with the
-device, dtype, torch and triton versions and the date.
+device, dtype, torch and triton versions and the date. On CUDA, ``--graphs`` also times each peer as a CUDA graph
+replay (``graph_ms``): the device time alone, without the Python and launch overhead that bounds small calls.
 
     python benchmarks/ops_bench.py --device cpu --batch 8 --rounds 5          # CPU target (lean vs reference)
     python benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 1 32 128 --out benchmarks/results
@@ -102,6 +103,35 @@ def time_interleaved(peers: list[Peer], device: str, rounds: int, iters: int) ->
             sync(device)
             samples[p.name].append((time.perf_counter() - start) / iters)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def time_graph(peer: Peer, iters: int) -> float | str:
+    """Median seconds per CUDA-graph replay of ``peer.fn`` (device time only), or why it cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            peer.fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            peer.fn()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - report, do not crash the benchmark
+        torch.cuda.synchronize()
+        return f"graph capture failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    samples = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / iters)
+    del graph
+    return statistics.median(samples)
 
 
 def support_reason(backend: str, q, k, v, idx, region: int, scale: float) -> str | None:
@@ -223,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV")
     parser.add_argument("--tag", default=None, help="machine name in the CSV file name (default: device)")
     parser.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in bytes/s for the floor")
+    parser.add_argument("--graphs", action="store_true", help="CUDA: also time CUDA-graph replays (device time)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -255,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
 
     fields = [
         "op", "shape", "batch", "mode", "peer", "ms", "ratio_vs_reference", "peak_mb", "achieved_gbs",
-        "floor_fraction", "note", "device", "dtype", "torch", "triton", "date",
+        "floor_fraction", "graph_ms", "graph_ratio_vs_reference", "graph_floor_fraction", "note", "device", "dtype",
+        "torch", "triton", "date",
     ]  # fmt: skip
 
     def write(rows: list[dict]) -> None:
@@ -274,7 +306,12 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.modes:
                 peers, floor_bytes = build(batch, shape, device, dtype, mode == "fwd_bwd")
                 times = time_interleaved(peers, device, args.rounds, iters)
-                base = times.get("torch") if op == "routed" else times.get("timm_haloattn")
+                ref_name = "torch" if op == "routed" else "timm_haloattn"
+                base = times.get(ref_name)
+                graph_times = {}
+                if args.graphs and device == "cuda":
+                    graph_times = {p.name: time_graph(p, iters) for p in peers if p.reason is None}
+                graph_base = graph_times.get(ref_name)
                 print(f"\n{op} {shape[0]} batch {batch} {mode} (floor {floor_bytes / 1e6:.1f} MB)", flush=True)
                 for p in peers:
                     row = {
@@ -295,10 +332,26 @@ def main(argv: list[str] | None = None) -> None:
                             achieved_gbs=round(floor_bytes / seconds / 1e9, 2),
                             floor_fraction=round(floor_bytes / seconds / bandwidth, 3) if bandwidth else "",
                         )
+                        graph_s = graph_times.get(p.name)
+                        if isinstance(graph_s, float):
+                            row.update(
+                                graph_ms=round(graph_s * 1e3, 4),
+                                graph_ratio_vs_reference=round(graph_s / graph_base, 3)
+                                if isinstance(graph_base, float)
+                                else "",
+                                graph_floor_fraction=round(floor_bytes / graph_s / bandwidth, 3) if bandwidth else "",
+                            )
+                        elif graph_s is not None:
+                            row["note"] = graph_s
                         print(
                             f"  {p.name:16s} {seconds * 1e3:10.3f} ms  x{seconds / base:6.3f} vs ref  "
                             f"peak {memory / 1e6:9.2f} MB  {row['achieved_gbs']:8.2f} GB/s"
-                            + (f"  {row['floor_fraction']:.1%} of floor" if bandwidth else ""),
+                            + (f"  {row['floor_fraction']:.1%} of floor" if bandwidth else "")
+                            + (
+                                f"  graph {row['graph_ms']:.3f} ms x{row['graph_ratio_vs_reference']}"
+                                if "graph_ms" in row
+                                else ""
+                            ),
                             flush=True,
                         )
                     rows.append(row)

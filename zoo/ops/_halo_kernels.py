@@ -248,3 +248,7 @@ def _tuned(kernel):
 halo_fwd = _tuned(_halo_fwd_kernel)
 halo_bwd_dq = _tuned(_halo_bwd_dq_kernel)
 halo_bwd_dkdv = _tuned(_halo_bwd_dkdv_kernel)
+
+# How these kernels were defined (``triton.jit`` reads TRITON_INTERPRET once, at decoration): a plain bool the
+# dispatch reads, so that torch.compile traces the check without touching a Triton function object.
+INTERPRETED: bool = type(_halo_fwd_kernel).__name__ == "InterpretedFunction"

@@ -125,7 +125,7 @@ def _check_triton(problem: HaloProblem) -> str | None:
         return f"Triton kernels run on CUDA only, got device {problem.device}"
     module = sys.modules.get(f"{__package__}._halo_kernels")
     if module is not None:
-        interpreted = type(module._halo_fwd_kernel).__name__ == "InterpretedFunction"
+        interpreted = module.INTERPRETED
         if interpreted != (problem.device.type == "cpu"):
             return "the Triton kernels were first defined for the other mode (TRITON_INTERPRET changed since)"
     if problem.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -49,7 +49,7 @@ def kernels_mode_mismatch(device: torch.device) -> str | None:
     module = sys.modules.get(f"{__package__}._routed_kernels")
     if module is None:
         return None
-    interpreted = type(module._routed_fwd_kernel).__name__ == "InterpretedFunction"
+    interpreted = module.INTERPRETED
     if device.type == "cpu" and not interpreted:
         return "the Triton kernels were first used with TRITON_INTERPRET unset, so they compile for the GPU only"
     if device.type == "cuda" and interpreted:
