@@ -31,7 +31,7 @@ step 90 "gpu tests" env ZOO_OPS_AUTOTUNE=0 $PY -m pytest -q -m gpu -p no:cachepr
   --junitxml="$OUT/gpu_tests.xml" "${gpu_tests[@]}"
 # The issue targets are at batch 128: measured first, then batch 1 and 32 while the time box lasts.
 step 150 "ops benchmark" $PY benchmarks/ops_bench.py --device cuda --dtype bfloat16 --batch 128 1 32 \
-  --rounds 3 --iters 10 --out "$OUT"
+  --rounds 3 --iters 10 --graphs --out "$OUT"
 step 80 "biformer benchmark" $PY benchmarks/biformer_bench.py --device cuda --amp bf16 --batch 128 \
   --train-batch 128 --warmup 2 --iters 5 --out "$OUT"
 step 60 "halonet benchmark" $PY benchmarks/halonet_bench.py --device cuda --out "$OUT"
