@@ -20,7 +20,7 @@ def _one_thread():
 
 
 PROBES = ["efficient_probe", "linear_probe_cls", "linear_probe_avg", "attentive_probe", "vjepa_probe"]
-PROBES += ["abmil_probe", "simpool_probe"]
+PROBES += ["aim_probe", "mha_probe", "abmil_probe", "simpool_probe"]
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -40,13 +40,51 @@ def test_ep_parameter_count_matches_the_original() -> None:
 
 
 def test_peer_pooling_sizes_at_vit_b() -> None:
-    # spec: SimPool ~1.18 M, ABMIL-P ~2.9 M, V-JEPA pooler ~7.1 M (pooling alone); q/k/v/o ~2.36 M
-    sizes = {n: zoo.create_model(n, embed_dim=768, num_classes=1000).pool_parameters() for n in PROBES}
+    # spec: SimPool ~1.18 M, ABMIL-P ~2.9 M, AIM ~1.18 M, V-JEPA pooler ~7.1 M (pooling alone)
+    D = 768
+    sizes = {n: zoo.create_model(n, embed_dim=D, num_classes=1000).pool_parameters() for n in PROBES}
     assert sizes["linear_probe_cls"] == sizes["linear_probe_avg"] == 0
     assert sizes["simpool_probe"] == pytest.approx(1.18e6, rel=0.01)
     assert sizes["abmil_probe"] == pytest.approx(2.9e6, rel=0.03)
-    assert sizes["vjepa_probe"] == pytest.approx(7.1e6, rel=0.01)
-    assert sizes["efficient_probe"] * 3 <= sizes["attentive_probe"]
+    assert sizes["aim_probe"] == 2 * D * D + D  # W_k, W_v (no bias), one query
+    assert sizes["mha_probe"] == 4 * D * D + 4 * D + D  # q, kv, proj with bias, one query
+    assert sizes["vjepa_probe"] == 12 * D * D + 14 * D == pytest.approx(7.1e6, rel=0.01)  # + 2 LN, MLP(4)
+    assert sizes["attentive_probe"] == sizes["vjepa_probe"] - 2 * D  # MAP: no LayerNorm on the tokens
+
+
+def test_target_ratio_both_countings() -> None:
+    # issue 8 target: EP <= 1/3 of the trainable parameters of the multi-head attentive probe (q/k/v/o)
+    def both(name: str) -> tuple[int, int]:
+        probe = zoo.create_model(name, embed_dim=768, num_classes=1000)
+        return _params(probe), probe.pool_parameters()
+
+    ep_total, ep_pool = both("efficient_probe")
+    total, pool = both("attentive_probe")
+    assert 3 * ep_total <= total and 3 * ep_pool <= pool  # 0.176 whole probe, 0.087 pooling alone
+    mha_total, mha_pool = both("mha_probe")  # without the MLP only the pooling-alone count meets it
+    assert ep_total / mha_total == pytest.approx(0.4417, abs=1e-4) and ep_pool / mha_pool == pytest.approx(
+        0.26, abs=1e-3
+    )
+
+
+def test_peers_follow_their_references() -> None:
+    from timm.layers import AttentionPoolLatent
+
+    x = torch.randn(3, 11, 64)
+    mapped = zoo.create_model("attentive_probe", embed_dim=64, num_classes=5).pool
+    assert isinstance(mapped.attn_pool, AttentionPoolLatent)  # reused, not rewritten
+    vjepa = zoo.create_model("vjepa_probe", embed_dim=64, num_classes=5, num_heads=4).pool.eval()
+    # V-JEPA CrossAttentionBlock by hand: q = u + proj(attn(W_q u, W_kv LN(x))); q = q + MLP(LN(q))
+    u, xn = vjepa.query.expand(3, -1, -1), vjepa.norm1(x)
+    q = vjepa.q(u).view(3, 1, 4, 16).transpose(1, 2)
+    k, v = vjepa.kv(xn).view(3, 11, 2, 4, 16).permute(2, 0, 3, 1, 4)
+    attn = (q @ k.transpose(-1, -2) / 4).softmax(-1)
+    out = u + vjepa.proj((attn @ v).transpose(1, 2).reshape(3, 1, 64))
+    out = out + vjepa.mlp(vjepa.norm2(out))
+    torch.testing.assert_close(vjepa(x), out[:, 0])
+    aim = zoo.create_model("aim_probe", embed_dim=64, num_classes=5, num_heads=4).pool
+    assert aim.k.bias is None and aim.v.bias is None and not aim.bn.affine
+    assert not hasattr(aim, "q") and not hasattr(aim, "proj")  # AIM: no q or output projection
 
 
 @pytest.mark.parametrize("name", PROBES)
@@ -154,6 +192,17 @@ def test_token_cache_resumes_and_rejects_other_backbones(tmp_path, digit_tokens:
         cache.build(digit_tokens["backbone"], dict(meta, backbone="resnet18", feature_dim=512), data)
     with pytest.raises(TokenCacheMismatchError, match="resnet18"):
         cache.load("val", "resnet18")
+    try:  # the errors name the cache folder, the record at fault
+        cache.load("val", "resnet18")
+    except TokenCacheMismatchError as err:
+        assert str(tmp_path / "cache") in str(err)
+    chunk = torch.load(cache.chunk_path("val", 2))
+    torch.save(dict(chunk, tokens=torch.zeros(8, 65, 512)), cache.chunk_path("val", 2))  # another backbone's chunk
+    with pytest.raises(TokenCacheMismatchError, match=r"chunk_00002\.pt holds 512-dim tokens"):
+        cache.load("val")
+    cache.chunk_path("val", 1).unlink()
+    with pytest.raises(TokenCacheMismatchError, match=r"incomplete: .*chunk_00001\.pt is missing"):
+        cache.load("val")
 
 
 def test_train_probe_resumes_exactly(tmp_path, digit_tokens: dict) -> None:

@@ -35,6 +35,7 @@ SMALL = dict(
     grid=(4, 6), d_model=128, pos_dim=64, pos_table_dim=22, num_encoder_layers=2, num_decoder_layers=2,
     dim_feedforward=256, pointer_dim=128, crop_size=(32, 32), dropout=0.0,
 )  # fmt: skip
+EPOCHS = 45  # ~1.5x a 30-epoch run; at 30 the model still loops on one coin in long searches
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -128,6 +129,8 @@ def test_reader_round_trip_and_bad_records(tmp_path) -> None:
 
     bad(lambda d: d["scanpaths"][1]["fixations"].append(99), r"scanpath #1 .*coins_0001.*object 99")
     bad(lambda d: d["displays"][2].pop("target"), r"display #2 .*coins_0002.* no target")
+    bad(lambda d: d["displays"][1].update(target=77), r"coins_0001.*target 77 is not one of its object ids")
+    bad(lambda d: d["displays"][1]["objects"][4].update(id=3), r"coins_0001.*object id 3 appears twice")
     bad(lambda d: d["scanpaths"][0].update(fixations=[]), r"scanpath #0 .* is empty")
     bad(lambda d: d["displays"][0]["objects"][3].update(row=9), r"coins_0000.*outside the 4x6 grid")
     bad(lambda d: d["scanpaths"][2].update(display="nope"), r"scanpath #2 .* display that does not exist")
@@ -143,17 +146,31 @@ def test_oat_learns_the_coins_search_task(tmp_path) -> None:
     splits["val"] = splits["val"][:8]
     torch.manual_seed(0)
     model = zoo.create_model("oat", **SMALL)
+    # the best checkpoint is chosen on the validation loss: the paper's monitor (behavioural delta of greedy
+    # decodes) on 8 validation scanpaths picked the epoch-20 checkpoint of a 30-epoch run (delta 0.42 there,
+    # 0.82 at epoch 30), an under-trained model that loops on one coin; that, not the metric, made the
+    # delta no better than random (0.47 vs 0.46)
     result = train_scanpath_model(
-        model, data, splits, epochs=30, lr=1e-3, eval_every=10, patience=100, verbose=False, out_dir=tmp_path / "run"
-    )
+        model, data, splits, epochs=EPOCHS, lr=1e-3, eval_every=15, patience=100, verbose=False,
+        out_dir=tmp_path / "run", monitor="loss",
+    )  # fmt: skip
     assert (tmp_path / "run" / "metrics.csv").is_file()
     refs = splits["test"]
     preds = predict(model, ScanpathDataset(data, model.crop_size, refs), [s.display for s in refs], result["max_len"])
     ours = evaluate_scanpaths(data, [p[0] for p in preds], refs)
     lengths = [len(s.fixations) for s in splits["train"]]
+    # the random-fixation baseline of the paper: uniform objects, lengths drawn from the training scanpaths
     rand = evaluate_scanpaths(data, random_scanpaths([24] * len(refs), lengths, seed=0), refs)
-    # measured (seed 0): SS 0.47 vs 0.17, edit distance 11.3 vs 17.6, target found 0.47 vs 0.0
+    # measured (seed 0, greedy, 15 test scanpaths) ours vs random: SS 0.62 vs 0.17, edit distance 7.9 vs 17.6,
+    # MultiMatch position 0.88 vs 0.71, direction 0.95 vs 0.62, behavioural delta 0.17 vs 0.46
     assert ours["sequence_score"] > rand["sequence_score"] + 0.2, (ours, rand)
     assert ours["edit_distance"] < rand["edit_distance"] - 3
-    assert ours["model_target_found"] > rand["model_target_found"] + 0.25
-    assert ours["multimatch_position"] > rand["multimatch_position"]
+    assert ours["multimatch_position"] > rand["multimatch_position"] + 0.05
+    assert ours["multimatch_direction"] > rand["multimatch_direction"] + 0.1
+    assert ours["behaviour_delta"] < rand["behaviour_delta"] - 0.1
+    # per statistic: target found (1.0 vs 0.0) and revisits (0.01 vs 0.20) separate the two clearly; length
+    # does not by construction (the baseline draws its lengths from the human ones), nor refixation (the
+    # humans' 0.075 is close to random's chance rate of immediate repeats, ~1/24: 0.027 vs 0.022), so
+    # those enter only through the delta over all five
+    assert ours["model_target_found"] > rand["model_target_found"] + 0.5
+    assert ours["model_revisit"] < rand["model_revisit"] - 0.1

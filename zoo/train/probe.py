@@ -221,15 +221,25 @@ class TokenCache:
                 f"token cache {self.root} holds tokens of {meta['backbone']!r} (dim {meta['feature_dim']}), "
                 f"not of {backbone!r}; use another --cache folder"
             )
+        if split not in meta["splits"]:
+            raise KeyError(f"token cache {self.root} has no split {split!r}; it holds {sorted(meta['splits'])}")
         n = meta["splits"][split]
-        chunks = [torch.load(self.chunk_path(split, i)) for i in range(math.ceil(n / meta["chunk_size"]))]
-        tokens = torch.cat([c["tokens"] for c in chunks])
-        if tokens.shape[-1] != meta["feature_dim"]:
-            raise TokenCacheMismatchError(
-                f"{self.chunk_path(split, 0)} holds {tokens.shape[-1]}-dim tokens but meta.json says "
-                f"{meta['feature_dim']}; the cache is corrupt, delete {self.root}"
-            )
-        return tokens, torch.cat([c["labels"] for c in chunks])
+        chunks = []
+        for i in range(math.ceil(n / meta["chunk_size"])):
+            path = self.chunk_path(split, i)
+            if not path.is_file():
+                raise TokenCacheMismatchError(
+                    f"token cache {self.root} is incomplete: {path} is missing (an interrupted run); rerun "
+                    "`zoo probe` with the same --cache to finish it"
+                )
+            chunk = torch.load(path)
+            if chunk["tokens"].shape[-1] != meta["feature_dim"]:
+                raise TokenCacheMismatchError(
+                    f"{path} holds {chunk['tokens'].shape[-1]}-dim tokens but meta.json says "
+                    f"{meta['feature_dim']} ({meta['backbone']!r}); the cache is corrupt, delete {self.root}"
+                )
+            chunks.append(chunk)
+        return torch.cat([c["tokens"] for c in chunks]), torch.cat([c["labels"] for c in chunks])
 
 
 # ---------------------------------------------------------------------------------------------- training
