@@ -7,7 +7,7 @@ OUT ?= benchmarks/results
 # torch/torchvision pinned to the wheels this project is tested with (local on the project's machines)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help venv demo test test-slow lint format bench cards gpu-check clean
+.PHONY: help venv demo test test-slow lint format bench cards gpu-check mmcv clean
 
 help:
 	@echo "make demo       train + validate a BiFormer on embedded Fashion-MNIST (else digits), CPU"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench      CPU benchmarks, CSVs under $(OUT)"
 	@echo "make cards      regenerate model_cards/"
 	@echo "make gpu-check  GPU tests + benchmarks on a CUDA machine, CSVs under OUT=$(OUT)"
+	@echo "make mmcv       build mmcv 2.1.0 with its compiled CPU ops (15-30 min) for mmdet/mmseg"
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,21 @@ cards: $(STAMP)
 
 gpu-check: $(STAMP)
 	OUT=$(OUT) bash benchmarks/gpu_check.sh
+
+# mmcv 2.1.0 (the newest mmdet 3.3 / mmseg 1.2 accept) from its PyPI source, with the two fixes torch 2.14
+# needs: C++20 instead of the hard-coded C++17, and setuptools < 81 without build isolation (setup.py imports
+# pkg_resources and torch). CPU ops only (FORCE_CUDA=0); replaces mmcv-lite.
+MMCV_BUILD := build/mmcv
+mmcv: $(STAMP)
+	$(PY) -m pip install --quiet -U pip wheel "setuptools<81" "mmengine>=0.10.7,<1"
+	mkdir -p $(MMCV_BUILD)
+	cd $(MMCV_BUILD) && $(CURDIR)/$(PY) -m pip download --no-deps --no-binary :all: --no-build-isolation mmcv==2.1.0
+	cd $(MMCV_BUILD) && rm -rf mmcv-2.1.0 && tar xzf mmcv-2.1.0.tar.gz
+	sed -i "s/'-std=c++17'/'-std=c++20'/g; s/'-std=c++14'/'-std=c++20'/g" $(MMCV_BUILD)/mmcv-2.1.0/setup.py
+	cd $(MMCV_BUILD)/mmcv-2.1.0 && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 \
+		$(CURDIR)/$(PY) -m pip wheel -v --no-deps --no-build-isolation -w ../wheelhouse .
+	$(PY) -m pip uninstall -y mmcv-lite || true
+	$(PY) -m pip install $(MMCV_BUILD)/wheelhouse/mmcv-2.1.0-*.whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -50,6 +50,13 @@ setup(
             "pydicom-data",
             "segmentation-models-pytorch>=0.6",
             "transformers>=5",
+            # the mm adapters' tests run on the no-compile path (mmcv-lite + zoo.detection.mmcv_compat)
+            "mmengine>=0.10.7,<1",
+            "mmcv-lite==2.2.0",
+            "mmdet==3.3.0",
+            "mmsegmentation==1.2.2",
+            "ftfy",
+            "regex",
         ],
         "train": ["matplotlib", "tensorboard", "webdataset", "scikit-learn"],
         "detection": ["pycocotools"],
@@ -58,6 +65,17 @@ setup(
         "scanpath": ["scikit-image", "multimatch-gaze", "pillow"],
         "medical": ["pydicom", "pillow"],
         "wandb": ["wandb"],
+        # mmdet 3.3 / mmseg 1.2 without compiling: mmcv-lite (mmcv 2.2 without ops) and zoo's compat layer;
+        # "mm-full" pins the mmcv those releases accept, which must be built from source (`make mmcv`)
+        "mm": ["mmengine>=0.10.7,<1", "mmcv-lite==2.2.0", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy", "regex"],
+        "mm-full": [
+            "mmengine>=0.10.7,<1",
+            "mmcv>=2.0.0rc4,<2.2.0",
+            "mmdet==3.3.0",
+            "mmsegmentation==1.2.2",
+            "ftfy",
+            "regex",
+        ],
     },
     entry_points={"console_scripts": ["zoo=zoo.cli:main"]},
     classifiers=[

@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # entry points of the training package, the whole-slide pipeline and the heads register their own verbs
     from zoo.data.wsi import add_cli as add_wsi_cli
+    from zoo.detection.mm_cli import add_cli as add_mm_cli
     from zoo.train.cli import add_cli as add_train_cli
     from zoo.train.mil import add_cli as add_mil_cli
     from zoo.train.probe import add_cli as add_probe_cli
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mil_cli(sub)  # zoo mil train
     add_probe_cli(sub)  # zoo probe
     add_scanpath_cli(sub)  # zoo scanpath train|eval|predict
+    add_mm_cli(sub)  # zoo det train, zoo seg train (mmdet / mmsegmentation)
     return parser
 
 
