@@ -51,3 +51,44 @@ def make_image_folder(
                 img[:, ci * size // len(classes) : (ci + 1) * size // len(classes)] += 150
                 Image.fromarray(img).save(folder / f"{i}.png")
     return root
+
+
+def tiny_train_config(out: Path, **sections):
+    """In-process ``Config`` of a few fast, learnable steps: tiny BiFormer, 128 digits at 16 px, no augmentation,
+    no warm-up (the loss falls from the first step), step losses in OUT/steps.csv. ``sections`` override options,
+    e.g. ``loop={"amp": "fp16"}``."""
+    import yaml
+
+    from zoo.train.config import Config, apply_overrides
+
+    cfg = Config()
+    cfg.model.name, cfg.model.kwargs, cfg.model.drop_path_rate = "biformer_tiny", yaml.safe_load(TINY_BIFORMER), 0.0
+    cfg.data.source, cfg.data.img_size, cfg.data.num_workers = "digits", 16, 0
+    cfg.data.limit_train, cfg.data.limit_val = 128, 64
+    cfg.aug.no_aug, cfg.aug.label_smoothing = True, 0.0
+    cfg.optim.lr, cfg.schedule.warmup_epochs, cfg.schedule.epochs = 3e-3, 0, 1
+    cfg.loop.batch_size, cfg.loop.threads, cfg.loop.device = 16, 1, "cpu"
+    cfg.log.out, cfg.log.plot, cfg.log.step_every = str(out), False, 1
+    return apply_overrides(cfg, sections, origin="test")
+
+
+def build_trainer(cfg):
+    """A single-process ``Trainer`` for ``cfg`` (model, scaler, losses inspectable before and after ``run()``)."""
+    from zoo.train.distributed import init_distributed
+    from zoo.train.loop import Trainer
+
+    return Trainer(cfg, init_distributed(None, cfg.loop.device or None))
+
+
+def run_trainer(cfg):
+    """Build and run a ``Trainer`` in this process; returns it and the final metrics."""
+    trainer = build_trainer(cfg)
+    return trainer, trainer.run()
+
+
+def step_losses(out: Path) -> list[float]:
+    """The per-step training losses a run wrote to OUT/steps.csv."""
+    import csv
+
+    with open(out / "steps.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]

@@ -76,8 +76,22 @@ class AugConfig:
     cutmix: float = option(0.0, "cutmix alpha (0 = off)")
     mixup_prob: float = option(1.0, "probability of applying mixup or cutmix to a batch")
     mixup_switch_prob: float = option(0.5, "probability of cutmix instead of mixup when both are on")
-    label_smoothing: float = option(0.1, "label smoothing")
+    label_smoothing: float = option(0.1, "label smoothing (in mixup's targets, or in the loss without mixup)")
     repeated_aug: int = option(0, "repeated augmentation: repeats per sample (0 = off; DeiT uses 3)")
+
+
+@dataclass
+class LossConfig:
+    """The training loss, picked as timm's train.py picks it (validation always uses plain cross-entropy).
+
+    mixup/cutmix on: soft-target CE, or BCE with ``bce`` (smoothing is already in mixup's targets);
+    else label smoothing > 0: label-smoothing CE, or BCE with smoothing; else plain CE, or BCE with ``bce``.
+    """
+
+    bce: bool = option(False, "binary cross-entropy, one sigmoid per class (timm BinaryCrossEntropy, --bce-loss)")
+    bce_target_thresh: float = option(0.0, "BCE: binarize targets above this value, e.g. 0.2 (0 = keep soft targets)")
+    bce_sum: bool = option(False, "BCE: sum over classes before the batch mean (timm --bce-sum)")
+    bce_pos_weight: float = option(0.0, "BCE: weight of the positive targets (0 = unweighted; timm --bce-pos-weight)")
 
 
 @dataclass
@@ -149,6 +163,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)

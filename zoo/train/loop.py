@@ -19,7 +19,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
@@ -85,8 +85,21 @@ def build_model(cfg: Config, num_classes: int, in_chans: int) -> nn.Module:
 
 
 def build_loss(cfg: Config) -> nn.Module:
-    """Training loss: soft-target CE under mixup, label-smoothing CE, or plain CE."""
-    if cfg.aug.mixup or cfg.aug.cutmix:
+    """The training loss, chosen as timm's train.py chooses it (see ``LossConfig``); validation uses plain CE.
+
+    One deliberate difference: timm ignores ``--bce-loss`` when neither mixup nor smoothing is on (plain CE);
+    here ``loss.bce`` always gives BCE.
+    """
+    mixup_active = bool(cfg.aug.mixup or cfg.aug.cutmix)
+    if cfg.loss.bce:
+        return BinaryCrossEntropy(
+            # mixup's targets arrive dense and already smoothed; the smoothing here is for index targets only
+            smoothing=0.0 if mixup_active else cfg.aug.label_smoothing,
+            target_threshold=cfg.loss.bce_target_thresh or None,
+            sum_classes=cfg.loss.bce_sum,
+            pos_weight=cfg.loss.bce_pos_weight or None,
+        )
+    if mixup_active:
         return SoftTargetCrossEntropy()
     if cfg.aug.label_smoothing:
         return LabelSmoothingCrossEntropy(smoothing=cfg.aug.label_smoothing)
@@ -187,7 +200,9 @@ class Trainer:
             else None
         )
         self.loss_fn = build_loss(cfg)
-        self.eval_loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        if isinstance(self.loss_fn, nn.Module):  # BCE's pos_weight is a buffer
+            self.loss_fn = self.loss_fn.to(self.device)
+        self.eval_loss_fn = nn.CrossEntropyLoss(reduction="sum")  # whatever the training loss: comparable runs
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.loop.amp)
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -209,7 +224,8 @@ class Trainer:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.model.compile:
+        self.ddp = self.train_model if isinstance(self.train_model, nn.parallel.DistributedDataParallel) else None
+        if cfg.model.compile:  # training forward/backward only; evaluation runs the eager module
             self.train_model = torch.compile(self.train_model)
         self.logger = MetricLogger(
             self.out,
@@ -269,7 +285,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):  # empty when saved without fp16: a run switched to fp16 starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(
             step=state["step"],
             epoch=state["sampler"]["epoch"],
@@ -329,8 +346,8 @@ class Trainer:
                 if cfg.model.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # DDP: synchronise gradients only on the last micro-step
-                sync = micro == accum - 1 or not isinstance(self.train_model, nn.parallel.DistributedDataParallel)
-                with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                sync = micro == accum - 1 or self.ddp is None
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
                     with self.autocast():
                         logits = self.train_model(images)
                         loss = self.loss_fn(logits, targets)
