@@ -1,4 +1,5 @@
-"""The ``zoo`` command: list, info, card, bench, export, demo, train, validate, wsi, mil, probe, scanpath.
+"""The ``zoo`` command: list, info, card, bench, export, demo, train, validate, wsi, mil, probe, scanpath,
+finetune, det, seg.
 
 Each verb is a thin wrapper over a function of the package (``zoo.list_models``, ``zoo.tools.*``), so
 everything the command does is also reachable from Python.
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     from zoo.data.wsi import add_cli as add_wsi_cli
     from zoo.detection.mm_cli import add_cli as add_mm_cli
     from zoo.train.cli import add_cli as add_train_cli
+    from zoo.train.finetune import add_cli as add_finetune_cli
     from zoo.train.mil import add_cli as add_mil_cli
     from zoo.train.probe import add_cli as add_probe_cli
     from zoo.train.scanpath import add_cli as add_scanpath_cli
@@ -174,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mil_cli(sub)  # zoo mil train
     add_probe_cli(sub)  # zoo probe
     add_scanpath_cli(sub)  # zoo scanpath train|eval|predict
+    add_finetune_cli(sub)  # zoo finetune --task cxr
     add_mm_cli(sub)  # zoo det train, zoo seg train (mmdet / mmsegmentation)
     return parser
 

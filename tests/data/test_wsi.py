@@ -88,6 +88,59 @@ def test_auto_reader_tissue_and_tiling(ihc_slide) -> None:
         assert tiles.shape == (3, 256, 256, 3)
 
 
+def _fade(image: np.ndarray, keep: float) -> np.ndarray:
+    """Fade toward white, keeping ``keep`` of the stain: a pale, weakly stained or over-exposed section."""
+    return (255 - keep * (255 - image.astype(np.float32))).round().astype(np.uint8)
+
+
+def test_pale_tissue_is_found_next_to_dark_tissue(tmp_path: Path) -> None:
+    """IHC at full stain (left) and faded to 20 % (right) on noisy glass: Otsu on saturation alone (with its
+    floor of 15, the earlier detector) found none of the pale section; the luminance test finds it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    section = np.asarray(Image.fromarray(skdata.immunohistochemistry()).resize((768, 768), Image.BICUBIC))
+    canvas = np.full((1536, 2048, 3), 245, np.uint8)
+    canvas[384:1152, 128:896] = section
+    canvas[384:1152, 1152:1920] = _fade(section, 0.2)
+    canvas = np.clip(canvas + rng.normal(0, 1.5, canvas.shape), 0, 255).astype(np.uint8)
+    path = wsi.write_pyramidal_tiff(canvas, tmp_path / "pale.tif", mpp=0.5)
+    with wsi.open_slide(path) as slide:
+        thumb = slide.get_thumbnail(512)  # 4x smaller: sections at rows 96:288, columns 32:224 and 288:480
+        mask = wsi.detect_tissue(thumb)
+        dark, pale = mask[96:288, 32:224].mean(), mask[96:288, 288:480].mean()
+        assert dark > 0.9 and pale > 0.4, (dark, pale)  # the pale section's lumens are whiter than the glass
+        outside = mask.copy()
+        outside[90:294, 26:230] = outside[90:294, 282:486] = False
+        assert not outside.any()
+        grid = wsi.tile_grid(slide, tile_size=128, mpp=0.5, tissue_mask=mask, min_tissue=0.5)
+        assert (grid.coords[:, 0] >= 1152).sum() > 10  # tiles of the pale section are kept
+    # the same thumbnail with saturation only (no luminance test, the earlier floor): pale tissue is lost
+    saturation_only = wsi.detect_tissue(thumb, min_saturation=15, min_darkening=255)
+    assert saturation_only[96:288, 288:480].mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["white", "glass", "noisy_glass", "uneven_glass", "black"],
+)
+def test_blank_slides_have_no_tissue(tmp_path: Path, name: str) -> None:
+    rng = np.random.default_rng(1)
+    shape = (768, 1024, 3)
+    canvas = {
+        "white": lambda: np.full(shape, 255.0),
+        "glass": lambda: np.full(shape, 238.0),
+        "noisy_glass": lambda: 244 + rng.normal(0, 3, shape),
+        "uneven_glass": lambda: np.linspace(239, 249, shape[1])[None, :, None] + rng.normal(0, 1.5, shape),
+        "black": lambda: np.zeros(shape),  # scanner padding / failed scan: not tissue either
+    }[name]()
+    path = wsi.write_pyramidal_tiff(np.clip(canvas, 0, 255).astype(np.uint8), tmp_path / f"{name}.tif", mpp=0.5)
+    with wsi.open_slide(path) as slide:
+        assert not wsi.detect_tissue(slide.get_thumbnail(512)).any()
+    with pytest.raises(wsi.NoTissueError, match=f"{name}.tif: no tissue"):
+        wsi.extract_features([path], tmp_path / "feats", "test_resnet", on_error="raise")
+
+
 def test_bad_slides_are_named(tmp_path: Path, ihc_slide) -> None:
     generic, _, canvas = ihc_slide
     truncated = tmp_path / "truncated.tif"

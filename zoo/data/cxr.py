@@ -5,6 +5,7 @@
   anything but MONOCHROME1 / MONOCHROME2 single-frame images raises :class:`CxrReadError` naming the file.
 * :func:`read_image` -- PNG / JPEG (8- or 16-bit, gray or colour -> luminance) to ``[0, 1]``.
 * :func:`read_cxr` -- either, by content (DICOM preamble ``DICM``) or suffix.
+* :func:`check_cxr` -- the same checks from the header only (no pixel decoding), to vet a data set up front.
 * :func:`standardize` -- per-image z-score (subtract the image's own mean, divide by its own std), as
   CXR-3's MEDUSA input; :func:`resize` -- antialiased bilinear to a square side (480 by default).
 * :func:`load_cxr` -- file -> ``(C, size, size)`` float tensor; :func:`cxr3_inputs` -- file -> the two
@@ -23,10 +24,12 @@ import torch.nn.functional as F
 
 __all__ = [
     "CxrReadError",
+    "UnsupportedPhotometricError",
     "SUPPORTED_PHOTOMETRIC",
     "read_dicom",
     "read_image",
     "read_cxr",
+    "check_cxr",
     "standardize",
     "resize",
     "load_cxr",
@@ -39,6 +42,25 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 
 class CxrReadError(ValueError):
     """A chest X-ray file that cannot be read or is not a single-frame grayscale image; names the file."""
+
+
+class UnsupportedPhotometricError(CxrReadError):
+    """A readable DICOM whose PhotometricInterpretation is not MONOCHROME1 / MONOCHROME2 (e.g. RGB, PALETTE)."""
+
+
+def _check_dicom_header(ds: object, path: Path) -> str:
+    """Photometric interpretation of a grayscale single-frame dataset; raises for anything else."""
+    photometric = str(getattr(ds, "PhotometricInterpretation", "") or "").strip().upper()
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise UnsupportedPhotometricError(
+            f"{path}: unsupported PhotometricInterpretation {photometric or '(missing)'!r}; "
+            f"chest X-ray reader handles {', '.join(SUPPORTED_PHOTOMETRIC)} (convert the file to grayscale "
+            "or drop it from the list)"
+        )
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise CxrReadError(f"{path}: {frames} frames; expected a single-frame radiograph")
+    return photometric
 
 
 def _unit_range(img: np.ndarray) -> np.ndarray:
@@ -73,14 +95,7 @@ def read_dicom(path: str | Path, apply_voi: bool = True) -> np.ndarray:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises several types (InvalidDicomError, OSError, struct errors)
         raise CxrReadError(f"{path}: not a readable DICOM file ({exc})") from exc
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric not in SUPPORTED_PHOTOMETRIC:
-        raise CxrReadError(
-            f"{path}: unsupported PhotometricInterpretation {photometric or '(missing)'!r}; "
-            f"chest X-ray reader handles {', '.join(SUPPORTED_PHOTOMETRIC)}"
-        )
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        raise CxrReadError(f"{path}: {ds.NumberOfFrames} frames; expected a single-frame radiograph")
+    photometric = _check_dicom_header(ds, path)
     if "PixelData" not in ds:
         raise CxrReadError(f"{path}: no PixelData")
     try:
@@ -137,6 +152,36 @@ def read_cxr(path: str | Path, apply_voi: bool = True) -> np.ndarray:
     if not path.is_file():
         raise CxrReadError(f"{path}: no such file")
     return read_dicom(path, apply_voi=apply_voi) if _is_dicom(path) else read_image(path)
+
+
+def check_cxr(path: str | Path) -> str:
+    """Header-only version of :func:`read_cxr`'s checks; returns ``'dicom'`` or ``'image'``.
+
+    Raises:
+        CxrReadError: missing file, not a DICOM / PNG / JPEG, multi-frame DICOM (truncated pixel data is only
+            found by :func:`read_cxr`).
+        UnsupportedPhotometricError: a DICOM that is not MONOCHROME1 / MONOCHROME2.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CxrReadError(f"{path}: no such file")
+    if _is_dicom(path):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises several types (InvalidDicomError, OSError, struct errors)
+            raise CxrReadError(f"{path}: not a readable DICOM file ({exc})") from exc
+        _check_dicom_header(ds, path)
+        return "dicom"
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CxrReadError(f"{path}: not a readable image ({exc})") from exc
+    return "image"
 
 
 def standardize(img: np.ndarray | torch.Tensor, eps: float = 1e-6) -> np.ndarray | torch.Tensor:
