@@ -213,6 +213,47 @@ def test_recompute_gives_the_same_gradients() -> None:
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_lean_norm_act_keeps_timms_numerics_and_saves_less() -> None:
+    """Training step of halonet50ts (SiLU): zoo's lean BN-act / block tails vs timm's model, same weights."""
+    torch.manual_seed(0)
+    ref = timm.create_model("halonet50ts").train()
+    ours = zoo.create_model("halonet50ts").train()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert {type(m).__name__ for m in ours.modules()} >= {"LeanBatchNormAct2d", "LeanBottleneckBlock"}
+    x = torch.randn(1, 3, 256, 256)
+    steps = []
+    for model in (ref, ours):
+        saved = {}
+
+        def step(model=model, saved=saved) -> None:
+            saved["out"] = model(x)
+
+        saved["bytes"] = _saved_bytes(step)
+        (saved["out"] * torch.linspace(-1, 1, 1000)).sum().backward()
+        grads = {k: p.grad for k, p in model.named_parameters()}
+        steps.append((saved["out"].detach(), grads, dict(model.named_buffers()), saved["bytes"]))
+    (out_ref, g_ref, b_ref, saved_ref), (out_ours, g_ours, b_ours, saved_ours) = steps
+    assert torch.equal(out_ours, out_ref), "forward in training mode must be bitwise timm's"
+    assert all(torch.equal(b_ours[k], b_ref[k]) for k in b_ref), "running statistics must update as timm's"
+    scale = max(g.abs().max() for g in g_ref.values())
+    for k in g_ref:
+        torch.testing.assert_close(g_ours[k], g_ref[k], rtol=0, atol=1e-5 * scale)
+    assert saved_ours < 0.8 * saved_ref, (saved_ours, saved_ref)  # measured 0.75
+
+
 # ------------------------------------------------------------------------------------- model: any size
 
 

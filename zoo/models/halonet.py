@@ -38,6 +38,10 @@ the map take part in the softmax is ``halo_pad_mask`` (model kwarg, or :meth:`Ha
 Memory: on the PyTorch path (no CUDA) the op materialises the unfolded K/V windows and the attention matrix;
 in training :class:`ZooHaloAttn` recomputes the op in backward instead of keeping them (``halo_recompute``;
 ``None`` = on exactly when the input is not on CUDA, where the fused kernel already keeps only q, k, v, out).
+Every BN + activation, and each block's tail ``act(bn3(conv3) + shortcut)``, keeps only its input for backward
+and recomputes the elementwise rest (``lean_norm_act=True``, default; :mod:`zoo.layers.norm_act`): the
+activation maps plain autograd would also store are never kept. Forward outputs and running statistics are
+bitwise timm's; only training memory changes.
 """
 
 from __future__ import annotations
@@ -50,22 +54,33 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import _assert
+from timm.layers import ConvNormAct, _assert
 from timm.layers._fx import register_notrace_module
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._registry import _model_default_cfgs
 from timm.models.byoanet import model_cfgs as timm_model_cfgs
-from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, LayerFn, SelfAttnBlock
+from timm.models.byobnet import (
+    BottleneckBlock,
+    ByoBlockCfg,
+    ByobNet,
+    ByoModelCfg,
+    DownsampleAvg,
+    LayerFn,
+    SelfAttnBlock,
+)
 
 from .. import ops
 from .._registry import register_model
+from ..layers.norm_act import batch_norm_act, lean_batch_norm_act_
 
 __all__ = [
     "HaloNet",
     "ZooHaloAttn",
     "ValueExpandedSelfAttnBlock",
+    "LeanBottleneckBlock",
+    "LeanSelfAttnBlock",
     "checkpoint_filter_fn",
     "FAMILY",
     "PAPER_PARAMS_M",
@@ -199,7 +214,73 @@ class ZooHaloAttn(HaloAttn):
 register_notrace_module(ZooHaloAttn)
 
 
-class ValueExpandedSelfAttnBlock(SelfAttnBlock):
+def _lean_tail_applies(block: nn.Module, x: torch.Tensor) -> bool:
+    """The block's tail is ``act(bn3(conv3(.)) + shortcut(x))`` with nothing in between, in a training step."""
+    conv3 = block.conv3_1x1
+    bn = getattr(conv3, "bn", None)
+    return (
+        getattr(block, "lean_tail", False)
+        and block.training
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and block.shortcut is not None
+        and isinstance(block.drop_path, nn.Identity)
+        and isinstance(getattr(block, "attn_last", nn.Identity()), nn.Identity)
+        and getattr(conv3, "aa", None) is None
+        and isinstance(bn, nn.BatchNorm2d)
+        and isinstance(getattr(bn, "act", None), nn.Identity)
+        and isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity)
+    )
+
+
+def _lean_shortcut(shortcut: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module | None]:
+    """A projection shortcut (conv -> BN, no act) as (conv output, its BN) so the tail normalises it; else
+    (shortcut(x), None)."""
+    conv_norm = getattr(shortcut, "conv", None) if isinstance(shortcut, DownsampleAvg) else shortcut
+    if isinstance(conv_norm, ConvNormAct) and getattr(conv_norm, "aa", None) is None:
+        bn = conv_norm.bn
+        if isinstance(bn, nn.BatchNorm2d) and isinstance(bn.act, nn.Identity) and isinstance(bn.drop, nn.Identity):
+            pooled = shortcut.pool(x) if isinstance(shortcut, DownsampleAvg) else x
+            return conv_norm.conv(pooled), bn
+    return shortcut(x), None
+
+
+class LeanBottleneckBlock(BottleneckBlock):
+    """timm's ``BottleneckBlock`` whose tail ``act(bn3(conv3) + shortcut)`` keeps only ``conv3``'s output for
+    backward in training (:func:`zoo.layers.norm_act.batch_norm_act`); otherwise timm's forward, same keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _lean_tail_applies(self, x):
+            return super().forward(x)
+        shortcut, shortcut_bn = _lean_shortcut(self.shortcut, x)
+        x = self.attn(self.conv2b_kxk(self.conv2_kxk(self.conv1_1x1(x))))
+        return batch_norm_act(self.conv3_1x1.bn, self.conv3_1x1.conv(x), self.act, shortcut, shortcut_bn)
+
+
+class LeanSelfAttnBlock(SelfAttnBlock):
+    """timm's ``SelfAttnBlock`` with the memory-lean tail of :class:`LeanBottleneckBlock`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _lean_tail_applies(self, x):
+            return super().forward(x)
+        shortcut, shortcut_bn = _lean_shortcut(self.shortcut, x)
+        x = self.post_attn(self.self_attn(self.conv2_kxk(self.conv1_1x1(x))))
+        return batch_norm_act(self.conv3_1x1.bn, self.conv3_1x1.conv(x), self.act, shortcut, shortcut_bn)
+
+
+def _lean_norm_act_(model: nn.Module) -> None:
+    """Memory-lean BN-act layers and block tails in place (only classes change: same parameters and keys)."""
+    lean_batch_norm_act_(model)
+    for module in model.modules():
+        if type(module) is BottleneckBlock:
+            module.__class__ = LeanBottleneckBlock
+        elif type(module) is SelfAttnBlock:
+            module.__class__ = LeanSelfAttnBlock
+        if isinstance(module, (LeanBottleneckBlock, LeanSelfAttnBlock)):
+            module.lean_tail = True
+
+
+class ValueExpandedSelfAttnBlock(LeanSelfAttnBlock):
     """timm's ``SelfAttnBlock`` whose attention value width is ``value_ratio`` x the bottleneck width (paper r_v).
 
     ``(B, in_chs, H, W) -> (B, out_chs, H / stride, W / stride)``: 1x1 ``in -> mid``, halo attention ``mid -> r_v
@@ -248,6 +329,8 @@ class HaloNet(ByobNet):
             already a :class:`ZooHaloAttn` factory.
         halo_pad_mask: ``None`` / ``False`` / ``True``, see the module docstring.
         halo_recompute: ``None`` / ``False`` / ``True``, recompute the halo op in backward (``None``: off CUDA).
+        lean_norm_act: keep only the input of every BN-act and block tail for backward (training memory; same
+            outputs and keys), see the module docstring.
         img_size: input size for the fixed-size hybrids (bottleneck attention); other models take any size.
         **kwargs: ``ByobNet`` arguments (``num_classes``, ``in_chans``, ``global_pool``, ``drop_rate``,
             ``drop_path_rate``, ``output_stride``, ...).
@@ -261,10 +344,13 @@ class HaloNet(ByobNet):
         halo_pad_mask: bool | None = None,
         halo_recompute: bool | None = None,
         img_size: int | tuple[int, int] | None = None,
+        lean_norm_act: bool = True,
         **kwargs: Any,
     ) -> None:
         halo_layer = partial(ZooHaloAttn, pad_mask=halo_pad_mask, recompute=halo_recompute)
         super().__init__(_with_zoo_halo(cfg, halo_layer), img_size=img_size, **kwargs)
+        if lean_norm_act:
+            _lean_norm_act_(self)
         # feature-size-bound layers (bottleneck attention) accept only the size they were built for
         fixed = any(isinstance(m, BottleneckAttn) for m in self.modules())
         self.fixed_input_size: tuple[int, int] | None = None
