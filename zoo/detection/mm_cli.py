@@ -64,6 +64,7 @@ def prepare_config(task: str, args: argparse.Namespace) -> Any:
         where = "detection" if task == "det" else "segmentation"
         raise FileNotFoundError(f"config {args.config} not found; zoo's configs are in zoo/{where}/configs/")
     cfg = Config.fromfile(str(path))
+    (cfg.get("visualizer") or {}).pop("name", None)  # per-Runner name: mmengine reuses a named one, and its log dir
     cfg.merge_from_dict(_parse_cfg_options(args.cfg_options))
     cfg.setdefault("default_scope", scope)
     cfg.launcher = args.launcher
