@@ -41,6 +41,14 @@ def test_card_for_every_family_member(tmp_path) -> None:
     assert main(["card", "resnet50", "--out", str(tmp_path)]) == 2  # not a zoo architecture
 
 
+def test_card_lists_the_det_seg_configs_with_reported_numbers() -> None:
+    card = render_card("biformer_small")
+    assert "## Detection and segmentation" in card
+    assert "`zoo/detection/configs/maskrcnn_biformer_small_1x_coco.py` | box AP 47.8 / mask AP 43.2" in card
+    assert "upernet_biformer_small_160k_ade20k.py` | mIoU 49.8" in card
+    assert "## Detection and segmentation" not in render_card("biformer_tiny")  # no config uses it
+
+
 def test_bench_prints_ratios_and_writes_csv(tmp_path, capsys) -> None:
     out = tmp_path / "bench.csv"
     argv = ["bench", "davit_tiny", "--vs", "resnet10t", "-b", "2", "--img-size", "64", "--iters", "1", "--warmup",

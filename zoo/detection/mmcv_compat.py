@@ -14,7 +14,7 @@ OpenMMLab's last releases accept only mmcv < 2.2, which has no wheel for current
     RetinaNet on a GPU; on CPU mmdet uses its own Python focal loss).
 
   Every other name is a function that raises ``NotImplementedError`` naming the op and the fix (compiled mmcv).
-  On CPU nms and roi_align are bit-identical to compiled mmcv 2.1.0 (``../shared/specs/detseg.md`` §4.4).
+  On CPU nms and roi_align are bit-identical to compiled mmcv 2.1.0 (measured against a source build of it).
 * ``mmcv.__version__`` reads ``'2.1.0'`` when the installed mmcv is ``mmcv-lite`` 2.2.x and the upstream
   ``mmdet`` / ``mmsegmentation`` distributions are installed: their ``__init__`` asserts ``mmcv < 2.2.0``. The
   maintained fork (``onedl-mmdetection`` / ``onedl-mmsegmentation``) has no such assert and is left alone.

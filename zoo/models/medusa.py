@@ -3,7 +3,7 @@
 **Architecture reconstructed from the abstract and the released I/O contract; not numerically equivalent to
 COVID-Net CXR-3; no official weights.** No code that builds MEDUSA was ever released (the CXR-3 graph was
 made with the proprietary GenSynth tool) and the paper's method section was not available; everything
-below that is not in "Known" is an assumption (see ``shared/specs/medusa.md``).
+below that is not in "Known" is an assumption (each is listed below and on the model card).
 
 Known (paper abstract and the released COVID-Net CXR-3 scripts):
 

@@ -69,6 +69,30 @@ cfg = timm.data.resolve_data_config(model=model)
 Detection and segmentation frameworks take the `features_only` backbone (see the project README)."""
 
 
+def detection_segmentation_configs(name: str) -> list[tuple[str, str]]:
+    """(config path, its "Reported" comment) for zoo's mmdet/mmseg configs whose backbone is ``name``."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for folder in ("detection/configs", "segmentation/configs"):
+        for path in sorted((root / folder).glob("[!_]*.py")):
+            text = path.read_text()
+            if f'model_name="{name}"' not in text:
+                continue
+            lines = text.splitlines()
+            start = next((i for i, ln in enumerate(lines) if ln.startswith("# Reported")), None)
+            reported = ""
+            if start is not None:  # the "# Reported" comment and its continuation lines, up to the next heading
+                chunk = [lines[start][2:]]
+                for ln in lines[start + 1 :]:
+                    if not ln.startswith("# ") or ln[2:3].isupper() or ln.startswith("#   "):
+                        break
+                    chunk.append(ln[2:])
+                reported = " ".join(part.strip() for part in chunk)
+            reported = reported.split(":", 1)[1].strip() if ":" in reported else reported
+            found.append((f"zoo/{folder}/{path.name}", reported))
+    return found
+
+
 def render_card(name: str, info: ModelInfo | None = None) -> str:
     """The Markdown card of a zoo architecture."""
     info = info or model_info(name)
@@ -126,6 +150,13 @@ def render_card(name: str, info: ModelInfo | None = None) -> str:
             )
     else:
         lines.append("Measured here: not yet (weights are not downloadable on the project's CI machines).")
+    det_seg = detection_segmentation_configs(name)
+    if det_seg:
+        lines += ["", "## Detection and segmentation (mmdet / mmsegmentation configs)", ""]
+        lines += ["| config | reported |", "|---|---|"]
+        lines += [f"| `{path}` | {reported} |" for path, reported in det_seg]
+        lines.append("")
+        lines.append("Train with `zoo det train <config>` / `zoo seg train <config>` (extra `[mm]`).")
     lines += ["", "## Usage", "", _usage(name, info), ""]
     if family.get("citation"):
         lines += ["## Citation", "", "```bibtex", family["citation"].strip(), "```", ""]

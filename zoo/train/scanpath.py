@@ -11,7 +11,7 @@ Metrics (object-index sequences; OAT spec §6):
 * ``behaviour_stats(seq, target)``: (1) target found (last fixation on the target), (2) length, (3) search
   = fraction of first visits, (4) refixation = fraction of immediate repeats, (5) revisit = fraction of
   returns to an object seen earlier but not just before. ``behaviour_delta(model, human)`` = mean over the
-  five of |model - human| / human, with |model - human| where the human value is 0 (stated, the spec's
+  five of |model - human| / human, with |model - human| where the human value is 0 (stated, the published
   formula divides by zero there).
 * ``random_scanpaths``: the random-fixation baseline (uniform over the display's objects, lengths drawn
   from the training lengths).

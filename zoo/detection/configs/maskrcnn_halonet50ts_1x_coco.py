@@ -1,5 +1,5 @@
 # HaloNet-50ts Mask R-CNN 1x on COCO 2017, mmdet 3.x.
-# Reported COCO numbers: none recorded in ../shared/specs (davit_halonet.md); not measured by zoo.
+# Reported COCO numbers: none recorded (no verified source at hand); not measured by zoo.
 # Recipe: mmdet's ResNet-50 1x (SGD): no detection recipe for timm's halonet50ts is published (its weights are
 # ImageNet-only).
 # Schedule, data and optimizer: see the base files (12 epochs, 2 images/GPU x 8 GPUs, fp16).

@@ -1,7 +1,7 @@
 # DaViT-S RetinaNet 1x on COCO 2017, mmdet 3.x.
-# Reported COCO numbers: none recorded in ../shared/specs (davit_halonet.md); not measured by zoo.
-# Recipe: Swin-S's 1x setting, which DaViT follows (drop path 0.3 is our choice: no DaViT det recipe in
-# ../shared/specs).
+# Reported COCO numbers: none recorded (no verified source at hand); not measured by zoo.
+# Recipe: Swin-S's 1x setting, which DaViT follows (drop path 0.3 is our choice: no published DaViT
+# detection recipe).
 # Schedule, data and optimizer: see the base files (12 epochs, 2 images/GPU x 8 GPUs, fp16).
 #   zoo det train zoo/detection/configs/retinanet_davit_small_1x_coco.py
 #   torchrun --nproc_per_node 8 -m zoo.cli det train <this file> --launcher pytorch

@@ -1,7 +1,7 @@
 # DaViT-S Semantic FPN 80k on ADE20K, mmseg 1.x.
-# Reported ADE20K numbers: none recorded in ../shared/specs (davit_halonet.md); not measured by zoo.
-# Recipe: the Swin-S setting, which DaViT follows (drop path is our choice: no DaViT segmentation recipe in
-# ../shared/specs).
+# Reported ADE20K numbers: none recorded (no verified source at hand); not measured by zoo.
+# Recipe: the Swin-S setting, which DaViT follows (drop path is our choice: no published DaViT
+# segmentation recipe).
 # Schedule, data and optimizer: see the base files (4 images/GPU x 8 GPUs, AdamW 2e-4, cosine, fp16, 512x512 crops).
 #   zoo seg train zoo/segmentation/configs/sfpn_davit_small_80k_ade20k.py
 #   torchrun --nproc_per_node 8 -m zoo.cli seg train <this file> --launcher pytorch

@@ -1,5 +1,5 @@
 # HaloNet-50ts Semantic FPN 80k on ADE20K, mmseg 1.x.
-# Reported ADE20K numbers: none recorded in ../shared/specs (davit_halonet.md); not measured by zoo.
+# Reported ADE20K numbers: none recorded (no verified source at hand); not measured by zoo.
 # Recipe: the ResNet-50 setting of the same decoder (no segmentation recipe for timm's halonet50ts is published).
 # Schedule, data and optimizer: see the base files (4 images/GPU x 8 GPUs, AdamW 2e-4, cosine, fp16, 512x512 crops).
 #   zoo seg train zoo/segmentation/configs/sfpn_halonet50ts_80k_ade20k.py

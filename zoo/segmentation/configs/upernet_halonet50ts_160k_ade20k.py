@@ -1,5 +1,5 @@
 # HaloNet-50ts UperNet 160k on ADE20K, mmseg 1.x.
-# Reported ADE20K numbers: none recorded in ../shared/specs (davit_halonet.md); not measured by zoo.
+# Reported ADE20K numbers: none recorded (no verified source at hand); not measured by zoo.
 # Recipe: the ResNet-50 setting of the same decoder (no segmentation recipe for timm's halonet50ts is published).
 # Schedule, data and optimizer: see the base files (2 images/GPU x 8 GPUs, AdamW 6e-5, poly, fp16, 512x512 crops).
 #   zoo seg train zoo/segmentation/configs/upernet_halonet50ts_160k_ade20k.py
