@@ -285,7 +285,9 @@ def install(override_version: bool | None = None) -> str:
     if not is_installed():
         ext = types.ModuleType("mmcv._ext", "zoo stand-in for mmcv's compiled ops (zoo.detection.mmcv_compat)")
         setattr(ext, _MARK, True)
-        # a spec without a loader: find_spec() works (mmengine probes it) and still reports "no compiled mmcv"
+        # a spec without a loader: find_spec() works, and pkgutil.find_loader() (upstream mmengine's
+        # mmcv_full_available) still reports "no compiled mmcv"; onedl-mmengine probes with find_spec() and reports
+        # it available, which is harmless (it then only imports mmcv.ops classes for isinstance checks)
         ext.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
         ext.__getattr__ = _module_getattr  # PEP 562: every name resolves, missing ops raise only when called
         sys.modules["mmcv._ext"] = ext
