@@ -65,12 +65,19 @@ setup(
         "scanpath": ["scikit-image", "multimatch-gaze", "pillow"],
         "medical": ["pydicom", "pillow"],
         "wandb": ["wandb"],
-        # mmdet 3.3 / mmseg 1.2 without compiling: mmcv-lite (mmcv 2.2 without ops) and zoo's compat layer;
-        # "mm-full" pins the mmcv those releases accept, which must be built from source (`make mmcv`)
-        "mm": ["mmengine>=0.10.7,<1", "mmcv-lite==2.2.0", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy", "regex"],
-        "mm-full": [
+        # mmdet 3.3 / mmseg 1.2 with the mmcv they accept (< 2.2: no wheel with ops for torch 2.14, so build it
+        # first with `make mmcv`), or "mm-lite": mmcv-lite (mmcv 2.2 without ops) and zoo's compatibility layer
+        "mm": [
             "mmengine>=0.10.7,<1",
             "mmcv>=2.0.0rc4,<2.2.0",
+            "mmdet==3.3.0",
+            "mmsegmentation==1.2.2",
+            "ftfy",
+            "regex",
+        ],
+        "mm-lite": [
+            "mmengine>=0.10.7,<1",
+            "mmcv-lite==2.2.0",
             "mmdet==3.3.0",
             "mmsegmentation==1.2.2",
             "ftfy",

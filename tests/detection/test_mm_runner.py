@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 if any(importlib.util.find_spec(p) is None for p in ("mmcv", "mmengine", "mmdet", "mmseg", "pycocotools")):
-    pytest.skip("needs the [mm] extra: pip install 'attention-zoo[mm]'", allow_module_level=True)
+    pytest.skip("needs the [mm-lite] extra: pip install 'attention-zoo[mm-lite]'", allow_module_level=True)
 skimage = pytest.importorskip("skimage")
 cv2 = pytest.importorskip("cv2")
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 if importlib.util.find_spec("mmdet") is None or importlib.util.find_spec("mmcv") is None:
-    pytest.skip("needs the [mm] extra: pip install 'attention-zoo[mm]'", allow_module_level=True)
+    pytest.skip("needs the [mm-lite] extra: pip install 'attention-zoo[mm-lite]'", allow_module_level=True)
 skimage = pytest.importorskip("skimage")
 
 from skimage import data, filters, measure, morphology, segmentation, transform  # noqa: E402

@@ -104,7 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``zoo det train`` and ``zoo seg train`` to the ``zoo`` command's sub-parsers."""
     for task, (_, _, what) in _TASKS.items():
-        p = subparsers.add_parser(task, help=f"{what} with zoo backbones (needs attention-zoo[mm])")
+        p = subparsers.add_parser(task, help=f"{what} with zoo backbones (needs attention-zoo[mm-lite] or [mm])")
         verbs = p.add_subparsers(dest=f"{task}_command", required=True)
         t = verbs.add_parser("train", help=f"train an mm{task} config with mmengine's Runner (torchrun for multi-GPU)")
         t.add_argument(

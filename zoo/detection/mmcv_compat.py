@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 ENV_VAR = "ZOO_MMCV_COMPAT"
-MM_INSTALL_HINT = "pip install 'attention-zoo[mm]'"
+MM_INSTALL_HINT = "pip install 'attention-zoo[mm-lite]' (no compiling; or `make mmcv` and 'attention-zoo[mm]')"
 MMCV_BUILD_HINT = (
     "build mmcv 2.1.0 with its compiled ops (`make mmcv`, about 15-30 minutes on 2 cores) and install the wheel"
 )
@@ -256,7 +256,7 @@ def install(override_version: bool | None = None) -> str:
         ``'compiled'`` (a compiled mmcv is present: nothing done) or ``'lite'`` (the layer is active).
 
     Raises:
-        ImportError: no mmcv installed (names the ``[mm]`` extra).
+        ImportError: no mmcv installed (names the ``[mm-lite]`` extra).
         MMCVIncompatibleError: an mmcv without compiled ops that is not mmcv-lite 2.x.
     """
     try:

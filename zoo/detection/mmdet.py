@@ -15,8 +15,8 @@ the ``C_i`` for the neck. Arguments: :class:`zoo.detection.mm_backbone.ZooBackbo
 Mask R-CNN 1x / RetinaNet 1x for BiFormer-S/B, DaViT-T/S, HaloNet-50ts) are in ``zoo/detection/configs/``;
 ``zoo det train CONFIG`` runs them.
 
-Needs ``pip install 'attention-zoo[mm]'``. Without a compiled mmcv, set ``ZOO_MMCV_COMPAT=1`` (or call
-``zoo.detection.mmcv_compat.install()`` first) to run on ``mmcv-lite``.
+Needs ``pip install 'attention-zoo[mm-lite]'`` (or ``make mmcv`` and ``[mm]``). Without a compiled mmcv, set
+``ZOO_MMCV_COMPAT=1`` (or call ``zoo.detection.mmcv_compat.install()`` first) to run on ``mmcv-lite``.
 """
 
 from __future__ import annotations

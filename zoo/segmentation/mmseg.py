@@ -15,8 +15,8 @@ The backbone returns a tuple of NCHW maps ``(B, C_i, H / s_i, W / s_i)``. Argume
 (ADE20K Semantic FPN 80k / UperNet 160k for BiFormer-S/B, DaViT-T/S, HaloNet-50ts) are in
 ``zoo/segmentation/configs/``; ``zoo seg train CONFIG`` runs them.
 
-Needs ``pip install 'attention-zoo[mm]'``. Without a compiled mmcv, set ``ZOO_MMCV_COMPAT=1`` (or call
-``zoo.detection.mmcv_compat.install()`` first) to run on ``mmcv-lite``.
+Needs ``pip install 'attention-zoo[mm-lite]'`` (or ``make mmcv`` and ``[mm]``). Without a compiled mmcv, set
+``ZOO_MMCV_COMPAT=1`` (or call ``zoo.detection.mmcv_compat.install()`` first) to run on ``mmcv-lite``.
 """
 
 from __future__ import annotations

@@ -156,7 +156,10 @@ def render_card(name: str, info: ModelInfo | None = None) -> str:
         lines += ["| config | reported |", "|---|---|"]
         lines += [f"| `{path}` | {reported} |" for path, reported in det_seg]
         lines.append("")
-        lines.append("Train with `zoo det train <config>` / `zoo seg train <config>` (extra `[mm]`).")
+        lines.append(
+            "Train with `zoo det train <config>` / `zoo seg train <config>` (extra `[mm-lite]`, or `[mm]` with a "
+            "compiled mmcv)."
+        )
     lines += ["", "## Usage", "", _usage(name, info), ""]
     if family.get("citation"):
         lines += ["## Citation", "", "```bibtex", family["citation"].strip(), "```", ""]
