@@ -303,7 +303,7 @@ def test_require_mm_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(mmcv_compat.MMCVIncompatibleError, match="ZOO_MMCV_COMPAT=1.*make mmcv"):
         mmcv_compat.require_mm("zoo_fake_mmframework")
     monkeypatch.setitem(sys.modules, "mmengine", None)  # mm packages absent
-    with pytest.raises(ImportError, match=r"pip install 'attention-zoo\[mm\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'attention-zoo\[mm-lite\]'"):
         mmcv_compat.require_mm("mmdet")
 
 
