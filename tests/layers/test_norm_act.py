@@ -52,9 +52,11 @@ def test_lean_bn_act_matches_timm(act, channels_last):
 def test_cumulative_momentum_and_untracked_stats():
     ref, lean = _pair("silu", momentum=None)
     x, grad = torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4)
-    for _ in range(3):
-        _step(ref, x * torch.rand(1), grad), _step(lean, x * torch.rand(1), grad)
-    torch.manual_seed(0)
+    for scale in (0.5, 1.0, 3.0):  # momentum None: running stats are the cumulative average of the batches
+        _step(ref, x * scale, grad), _step(lean, x * scale, grad)
+    for name, buf in ref.named_buffers():
+        assert torch.equal(buf, dict(lean.named_buffers())[name]), name
+    assert int(lean.num_batches_tracked) == 3
     ref, lean = _pair("silu", track_running_stats=False)
     torch.testing.assert_close(_step(lean, x, grad)[1], _step(ref, x, grad)[1], rtol=1e-5, atol=1e-5)
 

@@ -214,7 +214,7 @@ class ZooHaloAttn(HaloAttn):
 register_notrace_module(ZooHaloAttn)
 
 
-def _lean_tail_applies(block: nn.Module, x: torch.Tensor) -> bool:
+def _lean_tail_applies(block: nn.Module) -> bool:
     """The block's tail is ``act(bn3(conv3(.)) + shortcut(x))`` with nothing in between, in a training step."""
     conv3 = block.conv3_1x1
     bn = getattr(conv3, "bn", None)
@@ -250,7 +250,7 @@ class LeanBottleneckBlock(BottleneckBlock):
     backward in training (:func:`zoo.layers.norm_act.batch_norm_act`); otherwise timm's forward, same keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _lean_tail_applies(self, x):
+        if not _lean_tail_applies(self):
             return super().forward(x)
         shortcut, shortcut_bn = _lean_shortcut(self.shortcut, x)
         x = self.attn(self.conv2b_kxk(self.conv2_kxk(self.conv1_1x1(x))))
@@ -261,7 +261,7 @@ class LeanSelfAttnBlock(SelfAttnBlock):
     """timm's ``SelfAttnBlock`` with the memory-lean tail of :class:`LeanBottleneckBlock`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _lean_tail_applies(self, x):
+        if not _lean_tail_applies(self):
             return super().forward(x)
         shortcut, shortcut_bn = _lean_shortcut(self.shortcut, x)
         x = self.post_attn(self.self_attn(self.conv2_kxk(self.conv1_1x1(x))))
