@@ -59,6 +59,9 @@ CASES = {
     "stride2_odd_unmasked": (2, 1, 7, 9, 4, 4, 4, 1, 2, True, False, False),
     "no_rel_masked": (1, 2, 6, 6, 4, 8, 4, 1, 1, False, False, True),
     "halo_wider_than_block": (1, 1, 4, 5, 4, 4, 2, 3, 1, True, False, False),
+    # block sides that are not powers of 2 (haloregnetz_b uses 7): the key grid of the dk/dv kernel is padded
+    "block3_odd_map": (1, 1, 7, 8, 4, 4, 3, 1, 1, True, False, False),
+    "block7_halo2_spe_masked": (1, 1, 9, 10, 4, 4, 7, 2, 1, True, True, True),
 }
 
 

@@ -54,7 +54,11 @@ SCRIPT = textwrap.dedent(
                 PRECISION="tf32")
     compile_kernel(HK._halo_fwd_kernel, "bf16", dict(halo, BLOCK_KX=16))
     compile_kernel(HK._halo_bwd_dq_kernel, "bf16", dict(halo, BLOCK_KX=16))
-    compile_kernel(HK._halo_bwd_dkdv_kernel, "bf16", dict(halo, REACH=1, BLOCK_KEYS=64))
+    compile_kernel(HK._halo_bwd_dkdv_kernel, "bf16", dict(halo, REACH=1, BLOCK_B=8))
+    # haloregnetz_b's block side 7: a padded 8 x 8 key grid, 49-query blocks
+    halo7 = dict(halo, B_SIZE=7, HALO=2, BQ=7, WIN=11, BLOCK_M=64)
+    compile_kernel(HK._halo_bwd_dkdv_kernel, "bf16", dict(halo7, REACH=1, BLOCK_B=8))
+    compile_kernel(HK._halo_bwd_dkdv_kernel, "fp32", dict(halo7, REACH=1, BLOCK_B=8, PRECISION="ieee"))
     print("compiled")
     """
 )

@@ -179,11 +179,17 @@ def _halo_bwd_dkdv_kernel(
     slb, slh, sly, slx,
     nh, n_bh, n_bw, H, W, Hq, Wq, d_qk, d_v, qk_coef, rel_coef, qk_scale,
     B_SIZE: tl.constexpr, HALO: tl.constexpr, BQ: tl.constexpr, WIN: tl.constexpr, REACH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_REL: tl.constexpr, MASK_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dk (strides ``sg*``), dv (``su*``) of one ``B_SIZE x B_SIZE`` key block: sums over the query blocks whose
-    windows contain it (``REACH = ceil(HALO / B_SIZE)`` blocks each way), in a fixed order, without atomics."""
+    windows contain it (``REACH = ceil(HALO / B_SIZE)`` blocks each way), in a fixed order, without atomics.
+
+    Keys sit in a ``BLOCK_B x BLOCK_B`` grid (``BLOCK_B`` = the block side rounded up to a power of 2), so key
+    ``n`` is at block row ``n // BLOCK_B``: a key's height logit depends only on its row and its width logit only
+    on its column. Per query block the kernel loads ``BLOCK_B`` table entries per query for each (not one per
+    (key, query) pair, which made this kernel gather-bound) and broadcasts them over the grid."""
+    BLOCK_KEYS: tl.constexpr = BLOCK_B * BLOCK_B
     kblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
@@ -191,9 +197,10 @@ def _halo_bwd_dkdv_kernel(
     kby = kblock // n_bw
     kbx = kblock % n_bw
     n = tl.arange(0, BLOCK_KEYS)
-    y = kby * B_SIZE + n // B_SIZE
-    x = kbx * B_SIZE + n % B_SIZE
-    key_ok = (n < B_SIZE * B_SIZE) & (y < H) & (x < W)
+    y = kby * B_SIZE + n // BLOCK_B
+    x = kbx * B_SIZE + n % BLOCK_B
+    key_ok = (n // BLOCK_B < B_SIZE) & (n % BLOCK_B < B_SIZE) & (y < H) & (x < W)
+    r = tl.arange(0, BLOCK_B)  # a key row (or column) inside the block
     dqk = tl.arange(0, BLOCK_DQK)
     dv = tl.arange(0, BLOCK_DV)
     k_ptrs = K + b * skb + h * skh + y[:, None] * sky + x[:, None] * skx + dqk[None, :] * skd
@@ -222,14 +229,19 @@ def _halo_bwd_dkdv_kernel(
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_coef  # (keys, queries)
             if HAS_REL:
                 rel_off = b * srb + h * srh + rows * sry + cols * srx
-                pair_ok = in_win[:, None] & q_ok[None, :]
+                # window row / column of this block's key row / column r
+                win_y = (kby - qby) * B_SIZE + HALO + r
+                win_x = (kbx - qbx) * B_SIZE + HALO + r
+                ok_y = ((r < B_SIZE) & (win_y >= 0) & (win_y < WIN))[:, None] & q_ok[None, :]
+                ok_x = ((r < B_SIZE) & (win_x >= 0) & (win_x < WIN))[:, None] & q_ok[None, :]
                 rh = tl.load(
-                    RH + rel_off[None, :] + (ky[:, None] - qy[None, :] + WIN - 1) * srd, mask=pair_ok, other=0.0
+                    RH + rel_off[None, :] + (win_y[:, None] - qy[None, :] + WIN - 1) * srd, mask=ok_y, other=0.0
                 )
                 rw = tl.load(
-                    RW + rel_off[None, :] + (kx[:, None] - qx[None, :] + WIN - 1) * srd, mask=pair_ok, other=0.0
+                    RW + rel_off[None, :] + (win_x[:, None] - qx[None, :] + WIN - 1) * srd, mask=ok_x, other=0.0
                 )
-                st += (rh.to(tl.float32) + rw.to(tl.float32)) * rel_coef
+                rel = rh.to(tl.float32)[:, None, :] + rw.to(tl.float32)[None, :, :]  # (row, col, queries)
+                st += tl.reshape(rel, (BLOCK_KEYS, BLOCK_M)) * rel_coef
             pt = tl.where(in_win[:, None] & q_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
             dvacc += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)

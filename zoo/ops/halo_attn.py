@@ -6,7 +6,8 @@ bounds masks (zero padding for free), with an online softmax; the backward is a 
 the relative-logit gradients) plus a key-centric kernel (dk, dv summed over the query blocks whose windows
 contain a key block): every gradient element is written by one program in a fixed order, no atomics.
 The relative-position logits ``q @ height_rel^T`` and ``q @ width_rel^T`` are small matmuls done in torch
-(autograd gives their table and q gradients); the kernels gather from them per (query, key) pair.
+(autograd gives their table and q gradients); the kernels read one table entry per query and window row or
+column and broadcast it over the keys that share it.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def _halo_backward(
         *q.stride(), *k.stride(), *v.stride(), *rel_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
         *lse.stride(),
         nh, geo["n_bh"], geo["n_bw"], geo["H"], geo["W"], Hq, Wq, d_qk, d_v, *coefs, scale,
-        **geo["blocks"], REACH=-(-halo_size // block_size), BLOCK_KEYS=max(16, triton_next_pow2(block_size**2)),
+        **geo["blocks"], REACH=-(-halo_size // block_size), BLOCK_B=max(4, triton_next_pow2(block_size)),
         BLOCK_DV=block_dv, **options,
     )  # fmt: skip
     return dq, dk, dv, drel_h, drel_w
