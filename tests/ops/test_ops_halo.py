@@ -7,6 +7,7 @@ import torch
 from timm.layers.halo_attn import HaloAttn
 
 import zoo.ops as ops
+from zoo.ops import halo_attn
 from zoo.ops.reference import halo_attention_reference
 
 
@@ -84,8 +85,10 @@ def _run(backend, q, k, v, tables, grad_out, block, halo, stride, spe, pad_mask)
     return out.detach(), [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("dkdv", ["window", "key_blocks"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_triton_matches_reference(case):
+def test_triton_matches_reference(case, dkdv, monkeypatch):
+    monkeypatch.setattr(halo_attn, "DKDV_STRATEGY", dkdv)
     B, nh, H, W, d, dv, block, halo, stride, rel, spe, pad_mask = CASES[case]
     q, k, v, tables, grad_out = _halo_inputs(B, nh, H, W, d, dv, block, halo, stride, rel)
     out_ref, grads_ref = _run("torch", q, k, v, tables, grad_out, block, halo, stride, spe, pad_mask)
@@ -112,7 +115,9 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-def test_triton_backward_is_deterministic():
+@pytest.mark.parametrize("dkdv", ["window", "key_blocks"])
+def test_triton_backward_is_deterministic(dkdv, monkeypatch):
+    monkeypatch.setattr(halo_attn, "DKDV_STRATEGY", dkdv)
     q, k, v, tables, grad_out = _halo_inputs(1, 1, 8, 8, 4, 4, 4, 2, 1, True)
     first = _run("triton", q, k, v, tables, grad_out, 4, 2, 1, False, False)
     second = _run("triton", q, k, v, tables, grad_out, 4, 2, 1, False, False)
@@ -164,3 +169,10 @@ def test_bad_halo_inputs(kwargs, error, match):
     }
     with pytest.raises(error, match=match):
         ops.halo_attention(**{**args, **kwargs})
+
+
+def test_unknown_dkdv_strategy_is_named(monkeypatch):
+    monkeypatch.setattr(halo_attn, "DKDV_STRATEGY", "atomics")
+    q, k, v, tables, grad_out = _halo_inputs(1, 1, 4, 4, 4, 4, 4, 1, 1, True)
+    with pytest.raises(ValueError, match="DKDV_STRATEGY must be one of"):
+        _run("triton", q, k, v, tables, grad_out, 4, 1, 1, False, False)

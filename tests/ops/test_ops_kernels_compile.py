@@ -53,12 +53,16 @@ SCRIPT = textwrap.dedent(
     halo = dict(B_SIZE=8, HALO=3, BQ=4, WIN=14, BLOCK_M=16, BLOCK_DQK=32, BLOCK_DV=32, HAS_REL=True, MASK_PAD=True,
                 PRECISION="tf32")
     compile_kernel(HK._halo_fwd_kernel, "bf16", dict(halo, BLOCK_KX=16))
-    compile_kernel(HK._halo_bwd_dq_kernel, "bf16", dict(halo, BLOCK_KX=16))
+    for window_grads in (False, True):
+        compile_kernel(HK._halo_bwd_dq_kernel, "bf16", dict(halo, BLOCK_KX=16, WINDOW_GRADS=window_grads))
+    fold = {key: halo[key] for key in ("B_SIZE", "HALO", "WIN", "BLOCK_DQK", "BLOCK_DV")}
+    compile_kernel(HK._halo_fold_kernel, "bf16", dict(fold, REACH=1, BLOCK_B=8))
     compile_kernel(HK._halo_bwd_dkdv_kernel, "bf16", dict(halo, REACH=1, BLOCK_B=8))
     # haloregnetz_b's block side 7: a padded 8 x 8 key grid, 49-query blocks
     halo7 = dict(halo, B_SIZE=7, HALO=2, BQ=7, WIN=11, BLOCK_M=64)
     compile_kernel(HK._halo_bwd_dkdv_kernel, "bf16", dict(halo7, REACH=1, BLOCK_B=8))
     compile_kernel(HK._halo_bwd_dkdv_kernel, "fp32", dict(halo7, REACH=1, BLOCK_B=8, PRECISION="ieee"))
+    compile_kernel(HK._halo_bwd_dq_kernel, "fp32", dict(halo7, BLOCK_KX=16, WINDOW_GRADS=True, PRECISION="ieee"))
     print("compiled")
     """
 )

@@ -98,7 +98,7 @@ def _halo_fwd_kernel(
 
 @triton.jit
 def _halo_bwd_dq_kernel(
-    Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
+    Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW, SCR,
     sqb, sqh, sqy, sqx, sqd,
     skb, skh, sky, skx, skd,
     svb, svh, svy, svx, svd,
@@ -106,13 +106,18 @@ def _halo_bwd_dq_kernel(
     sob, soh, soy, sox, sod,
     sgb, sgh, sgy, sgx, sgd,
     slb, slh, sly, slx,
+    scb, sch, scn, scy, scx, scd,
     nh, n_bw, H, W, Hq, Wq, d_qk, d_v, qk_coef, rel_coef, qk_scale, rel_scale,
     B_SIZE: tl.constexpr, HALO: tl.constexpr, BQ: tl.constexpr, WIN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KX: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_REL: tl.constexpr, MASK_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_REL: tl.constexpr, MASK_PAD: tl.constexpr, PRECISION: tl.constexpr, WINDOW_GRADS: tl.constexpr,
 ):  # fmt: skip
     """dq (strides ``sg*``) and the gradients of the RH / RW logit tables (DRH, DRW: zero-initialised, strides
-    ``sr*`` as RH) for one query block. Each (query, table entry) is written by this program only."""
+    ``sr*`` as RH) for one query block. Each (query, table entry) is written by this program only.
+
+    ``WINDOW_GRADS``: also write this query block's contribution to dk and dv of every key of its window into
+    ``SCR`` (k's dtype, ``(B, nh, block, WIN, WIN, d_qk + d_v)``, strides ``sc*``: dk channels first), from the
+    probabilities this kernel computes anyway; :func:`_halo_fold_kernel` sums the overlapping windows."""
     qblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
@@ -160,6 +165,20 @@ def _halo_bwd_dq_kernel(
         if HAS_REL:
             tl.store(DRH + rh_index, tl.sum(ds, 1) * rel_scale, mask=q_ok)
             drel_w += ds
+        if WINDOW_GRADS:
+            scr_row = SCR + b * scb + h * sch + qblock * scn + ky * scy + kx[:, None] * scx
+            dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * qk_scale  # (BLOCK_KX, D)
+            tl.store(
+                scr_row + dqk[None, :] * scd,
+                dk_part.to(SCR.dtype.element_ty),
+                mask=(kx[:, None] < WIN) & (dqk[None, :] < d_qk),
+            )
+            dv_part = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # (BLOCK_KX, DV)
+            tl.store(
+                scr_row + (d_qk + dv[None, :]) * scd,
+                dv_part.to(SCR.dtype.element_ty),
+                mask=(kx[:, None] < WIN) & (dv[None, :] < d_v),
+            )
     dq_ptrs = DQ + b * sgb + h * sgh + rows[:, None] * sgy + cols[:, None] * sgx + dqk[None, :] * sgd
     tl.store(dq_ptrs, (dq * qk_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (dqk[None, :] < d_qk))
     if HAS_REL:
@@ -253,13 +272,60 @@ def _halo_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dvacc.to(DV.dtype.element_ty), mask=key_ok[:, None] & (dv[None, :] < d_v))
 
 
-def _tuned(kernel):
-    return tuned(kernel, ["B_SIZE", "HALO", "BQ", "BLOCK_DQK", "BLOCK_DV", "HAS_REL", "PRECISION"])
+@triton.jit
+def _halo_fold_kernel(
+    SCR, DK, DV,
+    scb, sch, scn, scy, scx, scd,
+    sgb, sgh, sgy, sgx, sgd,
+    sub, suh, suy, sux, sud,
+    nh, n_bh, n_bw, H, W, d_qk, d_v,
+    B_SIZE: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr, REACH: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """dk, dv of one key block: the sum, in a fixed order, of the window gradients (``SCR``, written by the dq
+    kernel with ``WINDOW_GRADS``) of the query blocks whose windows contain it, in fp32. Deterministic, no
+    atomics."""
+    BLOCK_KEYS: tl.constexpr = BLOCK_B * BLOCK_B
+    kblock = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    kby = kblock // n_bw
+    kbx = kblock % n_bw
+    n = tl.arange(0, BLOCK_KEYS)
+    y = kby * B_SIZE + n // BLOCK_B
+    x = kbx * B_SIZE + n % BLOCK_B
+    key_ok = (n // BLOCK_B < B_SIZE) & (n % BLOCK_B < B_SIZE) & (y < H) & (x < W)
+    dqk = tl.arange(0, BLOCK_DQK)
+    dv = tl.arange(0, BLOCK_DV)
+    dk = tl.zeros([BLOCK_KEYS, BLOCK_DQK], tl.float32)
+    dvacc = tl.zeros([BLOCK_KEYS, BLOCK_DV], tl.float32)
+    for dy in range(-REACH, REACH + 1):
+        for dx in range(-REACH, REACH + 1):
+            qby = kby + dy
+            qbx = kbx + dx
+            block_ok = (qby >= 0) & (qby < n_bh) & (qbx >= 0) & (qbx < n_bw)
+            ky = y - (qby * B_SIZE - HALO)
+            kx = x - (qbx * B_SIZE - HALO)
+            ok = key_ok & block_ok & (ky >= 0) & (ky < WIN) & (kx >= 0) & (kx < WIN)
+            base = SCR + b * scb + h * sch + (qby * n_bw + qbx).to(tl.int64) * scn + ky * scy + kx * scx
+            dk += tl.load(base[:, None] + dqk[None, :] * scd, mask=ok[:, None] & (dqk[None, :] < d_qk), other=0.0)
+            dv_ptrs = base[:, None] + (d_qk + dv[None, :]) * scd
+            dvacc += tl.load(dv_ptrs, mask=ok[:, None] & (dv[None, :] < d_v), other=0.0)
+    dk_ptrs = DK + b * sgb + h * sgh + y[:, None] * sgy + x[:, None] * sgx + dqk[None, :] * sgd
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (dqk[None, :] < d_qk))
+    dv_ptrs = DV + b * sub + h * suh + y[:, None] * suy + x[:, None] * sux + dv[None, :] * sud
+    tl.store(dv_ptrs, dvacc.to(DV.dtype.element_ty), mask=key_ok[:, None] & (dv[None, :] < d_v))
+
+
+def _tuned(kernel, key=("B_SIZE", "HALO", "BQ", "BLOCK_DQK", "BLOCK_DV", "HAS_REL", "PRECISION")):
+    return tuned(kernel, list(key))
 
 
 halo_fwd = _tuned(_halo_fwd_kernel)
 halo_bwd_dq = _tuned(_halo_bwd_dq_kernel)
 halo_bwd_dkdv = _tuned(_halo_bwd_dkdv_kernel)
+halo_fold = _tuned(_halo_fold_kernel, ("B_SIZE", "HALO", "BLOCK_DQK", "BLOCK_DV"))
 
 # How these kernels were defined (``triton.jit`` reads TRITON_INTERPRET once, at decoration): a plain bool the
 # dispatch reads, so that torch.compile traces the check without touching a Triton function object.

@@ -1,10 +1,11 @@
 """Halo attention (HaloNet): public function, validation, and the Triton backend (forward + backward).
 
 The Triton path never builds the overlapping key/value windows that timm's ``HaloAttn`` materialises with
-``unfold`` ((b + 2h)^2 / b^2 = 2.25-3x the K/V memory): the forward reads each window row in place with
-bounds masks (zero padding for free), with an online softmax; the backward is a query-centric kernel (dq and
-the relative-logit gradients) plus a key-centric kernel (dk, dv summed over the query blocks whose windows
-contain a key block): every gradient element is written by one program in a fixed order, no atomics.
+``unfold`` ((b + 2h)^2 / b^2 = 2.25-3x the K/V memory kept for backward): the forward reads each window row in
+place with bounds masks (zero padding for free), with an online softmax; the backward is a query-centric kernel
+(dq, the relative-logit gradients and each window's dk, dv contributions) plus a fold kernel summing the
+overlapping windows per key block (``DKDV_STRATEGY``): every gradient element is written by one program in a
+fixed order, no atomics.
 The relative-position logits ``q @ height_rel^T`` and ``q @ width_rel^T`` are small matmuls done in torch
 (autograd gives their table and q gradients); the kernels read one table entry per query and window row or
 column and broadcast it over the keys that share it.
@@ -110,6 +111,18 @@ def halo_problem(
 
 
 # ------------------------------------------------------------------------------------------ triton
+
+
+# How the backward gets dk and dv; both are deterministic (fixed summation order, no atomics).
+# "window": the dq kernel also writes each query block's window gradients (a scratch of (b + 2h)^2 / b^2 times
+#   k and v, freed after the call) and a fold kernel sums the overlapping windows: each (query, key) pair is
+#   computed once.
+# "key_blocks": a key-centric kernel recomputes the probabilities over whole tiles of the neighbouring query
+#   blocks (no scratch; ~2.9x the pair work at block 8, halo 3, because most of a neighbour's tile is outside
+#   its window).
+# A module attribute so that benchmarks can compare them.
+DKDV_STRATEGY: str = "window"
+DKDV_STRATEGIES = ("window", "key_blocks")
 
 
 def _kernels():
@@ -225,20 +238,42 @@ def _halo_backward(
     coefs = (scale * log2e, rel_scale * log2e)
     options = _options(q, rel_h, scale_pos_embed, pad_mask)
     block_dv = max(16, triton_next_pow2(d_v))
-    K.halo_bwd_dq[(geo["n_bh"] * geo["n_bw"], B * nh)](
-        q, k, v, *rel_args, grad_out, lse, delta, dq, *drel_args,
+    reach = -(-halo_size // block_size)  # key blocks a window reaches beyond its own, each way
+    block_b = max(4, triton_next_pow2(block_size))
+    n_blocks = geo["n_bh"] * geo["n_bw"]
+    if DKDV_STRATEGY not in DKDV_STRATEGIES:
+        raise ValueError(f"zoo.ops.halo_attn.DKDV_STRATEGY must be one of {DKDV_STRATEGIES}, got {DKDV_STRATEGY!r}")
+    window_grads = DKDV_STRATEGY == "window"
+    if window_grads:
+        # in k's dtype, as timm's unfold backward keeps its window gradients; the fold sums them in fp32
+        scratch = torch.empty(B, nh, n_blocks, geo["win"], geo["win"], d_qk + d_v, dtype=k.dtype, device=k.device)
+        scratch_strides = scratch.stride()
+    else:
+        scratch, scratch_strides = lse, (0,) * 6  # unused pointer
+    K.halo_bwd_dq[(n_blocks, B * nh)](
+        q, k, v, *rel_args, grad_out, lse, delta, dq, *drel_args, scratch,
         *q.stride(), *k.stride(), *v.stride(), *rel_strides, *grad_out.stride(), *dq.stride(), *lse.stride(),
+        *scratch_strides,
         nh, geo["n_bw"], geo["H"], geo["W"], Hq, Wq, d_qk, d_v, *coefs, scale, rel_scale,
         **geo["blocks"], BLOCK_KX=max(16, triton_next_pow2(geo["win"])), BLOCK_DV=block_dv, **options,
+        WINDOW_GRADS=window_grads,
     )  # fmt: skip
-    K.halo_bwd_dkdv[(geo["n_bh"] * geo["n_bw"], B * nh)](
-        q, k, v, *rel_args, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *rel_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *lse.stride(),
-        nh, geo["n_bh"], geo["n_bw"], geo["H"], geo["W"], Hq, Wq, d_qk, d_v, *coefs, scale,
-        **geo["blocks"], REACH=-(-halo_size // block_size), BLOCK_B=max(4, triton_next_pow2(block_size)),
-        BLOCK_DV=block_dv, **options,
-    )  # fmt: skip
+    if window_grads:
+        K.halo_fold[(n_blocks, B * nh)](
+            scratch, dk, dv, *scratch_strides, *dk.stride(), *dv.stride(),
+            nh, geo["n_bh"], geo["n_bw"], geo["H"], geo["W"], d_qk, d_v,
+            B_SIZE=block_size, HALO=halo_size, WIN=geo["win"], REACH=reach, BLOCK_B=block_b,
+            BLOCK_DQK=geo["blocks"]["BLOCK_DQK"], BLOCK_DV=block_dv,
+            **({} if K.AUTOTUNE else {"num_warps": 4}),
+        )  # fmt: skip
+    else:
+        K.halo_bwd_dkdv[(n_blocks, B * nh)](
+            q, k, v, *rel_args, grad_out, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *rel_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *lse.stride(),
+            nh, geo["n_bh"], geo["n_bw"], geo["H"], geo["W"], Hq, Wq, d_qk, d_v, *coefs, scale,
+            **geo["blocks"], REACH=reach, BLOCK_B=block_b, BLOCK_DV=block_dv, **options,
+        )  # fmt: skip
     return dq, dk, dv, drel_h, drel_w
 
 
