@@ -152,6 +152,17 @@ def test_forward_intermediates(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", PARAMS)
+def test_conventional_kwargs_and_meta_device(name: str) -> None:
+    """The keywords timm's create_model passes to every model (``drop_rate``, ``drop_path_rate``, ``global_pool``,
+    ``device``): stochastic depth appears when asked, and ``device="meta"`` puts every tensor there."""
+    from timm.layers import DropPath
+
+    model = zoo.create_model(name, device="meta", drop_rate=0.1, drop_path_rate=0.1, global_pool="avg")
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    assert any(isinstance(m, DropPath) for m in model.modules()), "drop_path_rate=0.1 added no DropPath"
+
+
+@pytest.mark.parametrize("name", PARAMS)
 def test_in_chans_1(name: str) -> None:
     model = _create(name, in_chans=1, num_classes=5)
     with torch.no_grad():

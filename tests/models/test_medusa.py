@@ -119,3 +119,17 @@ def test_features_only_and_pruning() -> None:
     outs = feats(torch.randn(1, 3, 64, 64))
     assert [tuple(o.shape) for o in outs] == [(1, 128, 8, 8), (1, 256, 4, 4)]
     assert len(feats.model.heads) == 3 and not hasattr(feats.model.backbone, "layer4")  # pruned after level 2
+
+
+def test_timm_conventional_kwargs_drop_path_rate_device_dtype() -> None:
+    """``drop_path_rate`` reaches the backbone (stochastic depth in its blocks, none at 0); ``device="meta"``
+    builds every parameter and buffer there; ``dtype`` casts them."""
+    from timm.layers import DropPath
+
+    with_drop = zoo.create_model("medusa_resnet18", drop_path_rate=0.2)
+    assert sum(isinstance(m, DropPath) for m in with_drop.backbone.modules()) > 0
+    assert not any(isinstance(m, DropPath) for m in zoo.create_model("medusa_resnet18").modules())
+    meta = zoo.create_model("medusa_resnet18", device="meta")
+    assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {"meta"}
+    double = zoo.create_model("medusa_resnet18", dtype=torch.float64)
+    assert {p.dtype for p in double.parameters()} == {torch.float64}

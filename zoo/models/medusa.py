@@ -44,6 +44,7 @@ Attention maps A_i are exposed by :meth:`Medusa.attention_maps` (for visualisati
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -227,6 +228,8 @@ class Medusa(nn.Module):
         in_chans: channels of the main input.
         global_pool: classifier pooling.
         drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth of the backbone (passed to it when non-zero, as timm's
+            ``create_model(..., drop_path_rate=)``).
         attn_size: side of the body input (256 in CXR-3).
         body_widths: U-Net widths per level (first = body output channels).
         body_attn_heads: heads of the bottleneck self-attention (0: none).
@@ -234,6 +237,7 @@ class Medusa(nn.Module):
         fusion: ``'residual'`` (F * (1 + A)) or ``'multiply'`` (F * A).
         backbone_pretrained: load the backbone's own pretrained weights (network access; off by default).
         backbone_kwargs: extra kwargs for the backbone.
+        device, dtype: where and in which dtype to build the parameters (``device="meta"``: shapes only).
     """
 
     def __init__(
@@ -244,6 +248,7 @@ class Medusa(nn.Module):
         in_chans: int = 3,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
         attn_size: int | tuple[int, int] = 256,
         body_widths: Sequence[int] = (32, 64, 128, 256, 512),
         body_attn_heads: int = 8,
@@ -251,6 +256,8 @@ class Medusa(nn.Module):
         fusion: str = "residual",
         backbone_pretrained: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if fusion not in ("residual", "multiply"):
@@ -262,9 +269,12 @@ class Medusa(nn.Module):
         self.attn_size = (attn_size, attn_size) if isinstance(attn_size, int) else tuple(attn_size)
         self.grad_checkpointing = False
 
-        self.backbone = _create_backbone(
-            backbone, backbone_indices, in_chans, backbone_pretrained, **(backbone_kwargs or {})
-        )
+        backbone_kwargs = dict(backbone_kwargs or {})
+        if drop_path_rate:  # only when asked: backbones without stochastic depth do not take the keyword
+            backbone_kwargs.setdefault("drop_path_rate", drop_path_rate)
+        if device is not None:
+            backbone_kwargs.setdefault("device", device)
+        self.backbone = _create_backbone(backbone, backbone_indices, in_chans, backbone_pretrained, **backbone_kwargs)
         bb_info = self.backbone.feature_info
         chs, reductions = bb_info.channels(), bb_info.reduction()
         # the stage each backbone module belongs to: modules up to and including return layer i -> stage i
@@ -274,17 +284,20 @@ class Medusa(nn.Module):
             self._stage_of[name] = stage
             if name in self.backbone.return_layers:
                 stage += 1
-        self.body = MedusaBody(1, body_widths, body_attn_heads)
-        self.heads = nn.ModuleList(
-            [AttentionHead(self.body.out_chs, c if gate_chs == "stage" else int(gate_chs)) for c in chs]
-        )
         self.feature_info = [
             dict(num_chs=c, reduction=r, module=f"backbone.{n}")
             for c, r, n in zip(chs, reductions, self.backbone.return_layers)
         ]
         self.num_features = self.head_hidden_size = chs[-1]
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self._init_weights()
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.body = MedusaBody(1, body_widths, body_attn_heads)
+            self.heads = nn.ModuleList(
+                [AttentionHead(self.body.out_chs, c if gate_chs == "stage" else int(gate_chs)) for c in chs]
+            )
+            self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+            self._init_weights()
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     def _init_weights(self) -> None:
         for m in [*self.body.modules(), *self.heads.modules(), *self.head.modules()]:
