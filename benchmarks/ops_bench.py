@@ -1,9 +1,11 @@
 """Benchmark zoo.ops routed and halo attention against their peers, in one process, interleaved.
 
 Routed attention (BiFormer-T at 224: stages 1-3, n_win 7, head dim 32): the gather reference (the original
-formulation, ``torch``), the lean torch path, the Triton kernels, FlexAttention, dense SDPA with a boolean routing
-mask. Halo attention (HaloNet-50ts halo layers at 256, block 8, halo 3): timm's ``HaloAttn`` layer against the same
-layer with its attention core replaced by ``zoo.ops.halo_attention`` (torch reference and Triton).
+formulation, ``torch``), the lean torch path, the Triton kernels, FlexAttention, zoo's dense backend
+(``sdpa_dense``: SDPA with a routing bias, what ``auto`` picks on CUDA for small regions), and dense SDPA with a
+boolean routing mask in region-major order (``sdpa_dense_mask``). Halo attention (HaloNet-50ts halo layers at
+256, block 8, halo 3): timm's ``HaloAttn`` layer against the same layer with its attention core replaced by
+``zoo.ops.halo_attention`` (torch reference and Triton, with both dk/dv strategies of its backward).
 
 For every (shape, batch, mode) the peers run in rotating order for ``--rounds`` rounds (``--iters`` calls each);
 the median per-call time, the ratio to the reference, the peak memory of one call, and (on GPU) the achieved
@@ -184,9 +186,12 @@ def routed_peers(batch: int, stage, device: str, dtype: torch.dtype, backward: b
         return call
 
     peers = [Peer("torch", make(lambda q, k, v: routed_attention_reference(q, k, v, idx, (region, region), scale)))]
-    for backend in ["torch_lean", "triton", "flex"]:
+    for backend in ["torch_lean", "triton", "flex", "sdpa_dense"]:
         if backend == "triton" and device == "cpu":
             peers.append(Peer(backend, lambda: None, "the Triton interpreter is not a benchmark"))
+            continue
+        if backend == "sdpa_dense" and device == "cpu" and side * side > 1024:
+            peers.append(Peer(backend, lambda: None, "dense N x N scores are too large for a CPU run"))
             continue
         with torch.set_grad_enabled(backward):
             probe = [t.detach().requires_grad_(backward) for t in (q, k, v)]

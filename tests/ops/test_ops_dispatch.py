@@ -8,6 +8,7 @@ from _helpers import routed_inputs
 
 import zoo.ops as ops
 from zoo.ops import BackendUnavailableError
+from zoo.ops._common import RoutedProblem
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def inputs():
 
 def test_available_backends_lists_every_op():
     backends = ops.available_backends()
-    assert backends["routed_attention"] == ["triton", "torch_lean", "torch", "flex"]
+    assert backends["routed_attention"] == ["sdpa_dense", "triton", "torch_lean", "torch", "flex"]
     assert "torch" in backends["halo_attention"] and "triton" in backends["halo_attention"]
 
 
@@ -26,6 +27,29 @@ def test_auto_on_cpu_picks_lean_and_explains_triton(inputs):
     assert ops.select_routed_backend(*inputs, 2, 0.3) == "torch_lean"
     reasons = ops.backend_support("routed_attention", *inputs, 2, 0.3)
     assert reasons["torch"] is None and reasons["torch_lean"] is None
+
+
+def _problem(side: int, region: int, topk: int, device: str = "cuda", key_padding=None) -> RoutedProblem:
+    """A BiFormer-like problem as the dispatch sees it (no tensors: the device may be absent here)."""
+    R = (side // region) ** 2
+    return RoutedProblem(
+        device=torch.device(device), dtype=torch.bfloat16, batch=128, heads=8, height=side, width=side, d_qk=32,
+        d_v=32, region_size=(region, region), num_regions=R, topk=topk, per_head_routing=False,
+        key_padding=key_padding, requires_grad=True,
+    )  # fmt: skip
+
+
+def test_auto_picks_dense_sdpa_where_it_was_measured_faster():
+    """CUDA, regions under 16 tokens, R <= 4 * topk, no key padding (BiFormer-T stage 3 at 224): dense SDPA;
+    stage 2 (4x4 regions), a large map, key padding, or a CPU tensor: not."""
+    dense = ops._dispatch._REGISTRY["routed_attention"][0]
+    assert dense.name == "sdpa_dense"
+    stage3 = _problem(14, 2, 16)
+    assert dense.check(stage3) is None and dense.auto_check(stage3) is None
+    assert "fill the kernel" in dense.auto_check(_problem(28, 4, 4))
+    assert "cost too much" in dense.auto_check(_problem(56, 2, 16))  # R = 784 > 64
+    assert "key_padding" in dense.check(_problem(14, 2, 16, key_padding=(13, 13)))
+    assert "CUDA only" in dense.auto_check(_problem(14, 2, 16, device="cpu"))
 
 
 def test_env_override(inputs, monkeypatch):

@@ -53,6 +53,38 @@ def test_backend_matches_reference(backend, case):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("case", [c for c, args in CASES.items() if args[-1] is None])
+def test_sdpa_dense_matches_reference(case):
+    """The dense backend (forced: auto picks it on CUDA only) on the cases without key padding."""
+    B, nh, H, W, d, region, topk, per_head, padding = CASES[case]
+    q, k, v, idx = routed_inputs(B, nh, H, W, d, region, topk, per_head=per_head, dv=d + 4)
+    grad_out = _grad_out((B, nh, H, W, d + 4))
+    out_ref, grads_ref = _run("reference", q, k, v, idx, region, d**-0.5, None, grad_out)
+    out, grads = _run("sdpa_dense", q, k, v, idx, region, d**-0.5, None, grad_out)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["sdpa_dense", *CPU_BACKENDS])
+def test_repeated_routing_entries_count_twice(backend):
+    """A region listed twice in a routing row weighs twice, as in the gather formulation."""
+    q, k, v, idx = routed_inputs(1, 2, 4, 4, 8, (2, 2), 3)
+    idx[:, :, 1] = idx[:, :, 0]
+    grad_out = _grad_out((1, 2, 4, 4, 8))
+    out_ref, grads_ref = _run("reference", q, k, v, idx, (2, 2), 0.4, None, grad_out)
+    out, grads = _run(backend, q, k, v, idx, (2, 2), 0.4, None, grad_out)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_dense_refuses_key_padding():
+    q, k, v, idx = routed_inputs(1, 1, 4, 4, 8, (2, 2), 2)
+    with pytest.raises(ops.BackendUnavailableError, match="key_padding"):
+        ops.routed_attention(q, k, v, idx, 2, 0.3, key_padding=(3, 3), backend="sdpa_dense")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backward_is_deterministic(backend):
     q, k, v, idx = routed_inputs(1, 2, 4, 8, 8, (2, 2), 3)
@@ -113,7 +145,7 @@ def test_flop_count_is_backend_independent():
         assert counter.get_total_flops() == expected, backend
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "sdpa_dense"])
 def test_torch_compile_has_no_graph_break(backend):
     q, k, v, idx = routed_inputs(1, 1, 4, 4, 8, (2, 2), 2)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import dense as _dense
 from . import flex as _flex
 from . import halo_attn as _halo
 from . import lean as _lean
@@ -83,6 +84,16 @@ def _routed_torch(q, k, v, routing_idx, region_size, scale, key_padding):
     return routed_attention_reference(q, k, v, routing_idx, region_size, scale, key_padding)
 
 
+register_backend(
+    "routed_attention",
+    Backend(
+        name="sdpa_dense",
+        fn=_dense.routed_attention_dense,
+        check=_dense.check_dense,
+        auto_check=_dense.auto_check_dense,
+        description="dense SDPA with a routing bias: auto on CUDA for small regions (faster there, measured)",
+    ),
+)
 register_backend(
     "routed_attention",
     Backend(
@@ -164,7 +175,7 @@ def routed_attention(
             ``(valid_h, valid_w)``: keys at row ``>= valid_h`` or col ``>= valid_w`` are masked out. A query whose
             routed keys are all masked (only possible when none of its routed regions holds a valid key) outputs
             exactly 0 and passes zero gradient, never NaN.
-        backend: ``"auto"``, ``"torch"``, ``"torch_lean"``, ``"triton"`` or ``"flex"`` (see
+        backend: ``"auto"``, ``"sdpa_dense"``, ``"triton"``, ``"torch_lean"``, ``"torch"`` or ``"flex"`` (see
             :func:`available_backends`); ``ZOO_OPS_BACKEND`` overrides ``"auto"``.
 
     Returns:
@@ -172,9 +183,11 @@ def routed_attention(
         ``rh*rw`` tokens of each of its ``topk`` routed regions, i.e. ``topk*rh*rw`` keys, exactly as the
         original gather formulation (:func:`zoo.ops.reference.routed_attention_reference`).
 
-    Backends: ``triton`` (fp16/bf16/fp32, d <= 128; auto on CUDA), ``torch_lean`` (any float; auto elsewhere),
-    ``torch`` (the reference), ``flex`` (peer; CPU forward only). FLOPs counted by ``FlopCounterMode`` are
-    ``2*B*nh*N*topk*rh*rw*(d_qk + d_v)`` forward for every backend.
+    Backends: ``sdpa_dense`` (dense SDPA with a routing bias; auto on CUDA for regions under 16 tokens with
+    ``R <= 4 * topk`` and no ``key_padding``, where it beats the kernel: :mod:`zoo.ops.dense`), ``triton``
+    (fp16/bf16/fp32, d <= 128; auto on CUDA otherwise), ``torch_lean`` (any float; auto elsewhere), ``torch``
+    (the reference), ``flex`` (peer; CPU forward only). FLOPs counted by ``FlopCounterMode`` are
+    ``2*B*nh*N*topk*rh*rw*(d_qk + d_v)`` forward for every backend but ``sdpa_dense``, which counts its dense work.
     """
     problem = validate_routed(q, k, v, routing_idx, region_size, scale, key_padding)
     chosen = select_backend("routed_attention", backend, problem)
