@@ -6,9 +6,9 @@ place with bounds masks (zero padding for free), with an online softmax; the bac
 (dq, the relative-logit gradients and each window's dk, dv contributions) plus a fold kernel summing the
 overlapping windows per key block (``DKDV_STRATEGY``): every gradient element is written by one program in a
 fixed order, no atomics.
-The relative-position logits ``q @ height_rel^T`` and ``q @ width_rel^T`` are small matmuls done in torch
-(autograd gives their table and q gradients); the kernels read one table entry per query and window row or
-column and broadcast it over the keys that share it.
+The relative-position logit tables ``q @ height_rel^T`` and ``q @ width_rel^T`` are small fp32 matmuls done in
+torch inside the custom ops and rebuilt in the backward rather than kept (they hold more values than q); the
+kernels read one table entry per query and window row or column and broadcast it over the keys that share it.
 """
 
 from __future__ import annotations
@@ -277,13 +277,22 @@ def _halo_backward(
     return dq, dk, dv, drel_h, drel_w
 
 
+def _rel_logits_tables(q, rel_pos, block_size, query_stride):
+    """``q @ height_rel^T`` and ``q @ width_rel^T`` in fp32 over whole query blocks: ``(B, nh, Hq', Wq', 2*win-1)``,
+    and the fp32, block-padded q they came from."""
+    bq = block_size // query_stride
+    Hq, Wq = q.shape[2], q.shape[3]
+    q_p = F.pad(q.float(), (0, 0, 0, -Wq % bq, 0, -Hq % bq))  # whole blocks, so FLOPs match the reference
+    return tuple(q_p @ table.float().transpose(0, 1) for table in rel_pos), q_p
+
+
 @torch.library.custom_op("zoo::halo_attn_triton_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def halo_attn_triton_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel_h: torch.Tensor | None,
-    rel_w: torch.Tensor | None,
+    height_rel: torch.Tensor | None,
+    width_rel: torch.Tensor | None,
     block_size: int,
     halo_size: int,
     query_stride: int,
@@ -291,12 +300,18 @@ def halo_attn_triton_fwd(
     scale_pos_embed: bool,
     pad_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, nh, Hq, Wq, d_v), lse (B, nh, Hq, Wq) fp32 base 2)``; rel_h/rel_w: ``(B, nh, Hq', Wq', 2*win-1)``."""
+    """``(out (B, nh, Hq, Wq, d_v), lse (B, nh, Hq, Wq) fp32 base 2)``; height_rel/width_rel: ``(2*win-1, d_qk)``.
+
+    The relative-logit tables (``q @ table^T``, fp32, 27 entries per query at win 14: larger than q) are built
+    here and rebuilt in the backward, never kept: the backward saves q, k, v, the position tables, out, lse."""
+    rel_h = rel_w = None
+    if height_rel is not None:
+        (rel_h, rel_w), _ = _rel_logits_tables(q, (height_rel, width_rel), block_size, query_stride)
     return _halo_forward(q, k, v, rel_h, rel_w, block_size, halo_size, query_stride, scale, scale_pos_embed, pad_mask)
 
 
 @halo_attn_triton_fwd.register_fake
-def _(q, k, v, rel_h, rel_w, block_size, halo_size, query_stride, scale, scale_pos_embed, pad_mask):
+def _(q, k, v, height_rel, width_rel, block_size, halo_size, query_stride, scale, scale_pos_embed, pad_mask):
     B, nh, Hq, Wq, _ = q.shape
     return q.new_empty(B, nh, Hq, Wq, v.shape[-1]), q.new_empty(B, nh, Hq, Wq, dtype=torch.float32)
 
@@ -307,8 +322,8 @@ def halo_attn_triton_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel_h: torch.Tensor | None,
-    rel_w: torch.Tensor | None,
+    height_rel: torch.Tensor | None,
+    width_rel: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     block_size: int,
@@ -318,36 +333,51 @@ def halo_attn_triton_bwd(
     scale_pos_embed: bool,
     pad_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, d rel_h, d rel_w)``; the last two are empty tensors without relative logits."""
-    return _halo_backward(
+    """``(dq, dk, dv, d height_rel, d width_rel)``; the last two are empty tensors without relative positions.
+
+    The kernels give the gradients of the logit tables; this chains them through ``q @ table^T`` in fp32 (what
+    autograd would do, without keeping the tables): ``dq += dRH @ height_rel + dRW @ width_rel`` and
+    ``d height_rel = dRH^T @ q`` summed over queries."""
+    has_rel = height_rel is not None
+    rel_h = rel_w = q_p = None
+    if has_rel:
+        (rel_h, rel_w), q_p = _rel_logits_tables(q, (height_rel, width_rel), block_size, query_stride)
+    dq, dk, dv, drel_h, drel_w = _halo_backward(
         grad_out, q, k, v, rel_h, rel_w, out, lse, block_size, halo_size, query_stride, scale, scale_pos_embed, pad_mask
     )
+    if not has_rel:
+        return dq, dk, dv, drel_h, drel_w
+    Hq, Wq = q.shape[2], q.shape[3]
+    tables = (height_rel.float(), width_rel.float())
+    dq_rel = (drel_h @ tables[0] + drel_w @ tables[1])[:, :, :Hq, :Wq]  # the padded queries are not q's
+    dq = (dq.float() + dq_rel).to(q.dtype)
+    q_flat = q_p.reshape(-1, q_p.shape[-1])
+    d_tables = [g.reshape(-1, g.shape[-1]).transpose(0, 1) @ q_flat for g in (drel_h, drel_w)]  # (2*win-1, d_qk)
+    return dq, dk, dv, d_tables[0].to(height_rel.dtype), d_tables[1].to(width_rel.dtype)
 
 
 @halo_attn_triton_bwd.register_fake
-def _(grad_out, q, k, v, rel_h, rel_w, out, lse, block_size, halo_size, query_stride, scale, scale_pos_embed, pad_mask):
-    if rel_h is None:
+def _(grad_out, q, k, v, height_rel, width_rel, out, lse, block_size, halo_size, query_stride, scale, spe, pad_mask):
+    if height_rel is None:
         rel = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
     else:
-        rel = (q.new_empty(rel_h.shape, dtype=torch.float32), q.new_empty(rel_w.shape, dtype=torch.float32))
+        rel = (height_rel.new_empty(height_rel.shape), width_rel.new_empty(width_rel.shape))
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *rel)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rel_h, rel_w, *args = inputs
+    q, k, v, height_rel, width_rel, *args = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
+    ctx.save_for_backward(q, k, v, height_rel, width_rel, out, lse)
     ctx.args = args
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
-    dq, dk, dv, drel_h, drel_w = halo_attn_triton_bwd(grad_out, q, k, v, rel_h, rel_w, out, lse, *ctx.args)
-    if rel_h is None:
-        drel_h = drel_w = None
-    else:
-        drel_h, drel_w = drel_h.to(rel_h.dtype), drel_w.to(rel_w.dtype)
-    return dq, dk, dv, drel_h, drel_w, None, None, None, None, None, None
+    q, k, v, height_rel, width_rel, out, lse = ctx.saved_tensors
+    dq, dk, dv, d_height, d_width = halo_attn_triton_bwd(grad_out, q, k, v, height_rel, width_rel, out, lse, *ctx.args)
+    if height_rel is None:
+        d_height = d_width = None
+    return dq, dk, dv, d_height, d_width, None, None, None, None, None, None
 
 
 halo_attn_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -361,28 +391,33 @@ def halo_flops(q_shape, v_shape, block_size: int, halo_size: int, query_stride: 
     return 2 * B * nh * blocks * bq * bq * win * win * (d_qk + v_shape[-1])
 
 
+def rel_table_flops(q_shape, table_shape, block_size: int, query_stride: int) -> int:
+    """FLOPs of one ``q @ table^T`` over whole query blocks (as the reference's relative logits)."""
+    B, nh, Hq, Wq, d_qk = q_shape
+    bq = block_size // query_stride
+    return 2 * B * nh * (-(-Hq // bq) * bq) * (-(-Wq // bq) * bq) * d_qk * table_shape[0]
+
+
 @register_flop_formula(torch.ops.zoo.halo_attn_triton_fwd)
-def _halo_fwd_flop(q_shape, k_shape, v_shape, rh, rw, block_size, halo_size, query_stride, *a, out_shape=None, **kw):
-    return halo_flops(q_shape, v_shape, block_size, halo_size, query_stride, k_shape[2:4])
+def _halo_fwd_flop(q_shape, k_shape, v_shape, th, tw, block_size, halo_size, query_stride, *a, out_shape=None, **kw):
+    flops = halo_flops(q_shape, v_shape, block_size, halo_size, query_stride, k_shape[2:4])
+    if th is not None:  # the two logit tables
+        flops += 2 * rel_table_flops(q_shape, th, block_size, query_stride)
+    return flops
 
 
 @register_flop_formula(torch.ops.zoo.halo_attn_triton_bwd)
-def _halo_bwd_flop(g_shape, q_shape, k_shape, v_shape, rh, rw, o, lse, block_size, halo_size, query_stride, *a, **kw):
-    return 2 * halo_flops(q_shape, v_shape, block_size, halo_size, query_stride, k_shape[2:4])
-
-
-def _rel_logits_tables(q, rel_pos, block_size, query_stride):
-    """``q @ height_rel^T`` and ``q @ width_rel^T`` in fp32 over whole query blocks: ``(B, nh, Hq', Wq', 2*win-1)``."""
-    bq = block_size // query_stride
-    Hq, Wq = q.shape[2], q.shape[3]
-    q_p = F.pad(q, (0, 0, 0, -Wq % bq, 0, -Hq % bq))  # whole blocks, so FLOPs match the reference
-    return tuple(q_p.float() @ table.float().transpose(0, 1) for table in rel_pos)
+def _halo_bwd_flop(g_shape, q_shape, k_shape, v_shape, th, tw, o, lse, block_size, halo_size, query_stride, *a, **kw):
+    flops = 2 * halo_flops(q_shape, v_shape, block_size, halo_size, query_stride, k_shape[2:4])
+    if th is not None:  # per table: rebuilt (1 matmul), then its q and table gradients (2)
+        flops += 2 * 3 * rel_table_flops(q_shape, th, block_size, query_stride)
+    return flops
 
 
 def _halo_triton(q, k, v, block_size, halo_size, rel_pos, scale, scale_pos_embed, query_stride, pad_mask):
-    rel_h, rel_w = _rel_logits_tables(q, rel_pos, block_size, query_stride) if rel_pos is not None else (None, None)
+    height_rel, width_rel = rel_pos if rel_pos is not None else (None, None)
     out, _ = halo_attn_triton_fwd(
-        q, k, v, rel_h, rel_w, block_size, halo_size, query_stride, scale, scale_pos_embed, pad_mask
+        q, k, v, height_rel, width_rel, block_size, halo_size, query_stride, scale, scale_pos_embed, pad_mask
     )
     return out
 
