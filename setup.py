@@ -7,6 +7,9 @@ from setuptools import find_packages, setup
 
 _version = re.search(r'__version__ = "([^"]+)"', Path("zoo/version.py").read_text()).group(1)
 
+# mmdet 3.3 / mmseg 1.2 and what they need besides mmcv; the extras differ only in the mmcv they take
+_MM = ["mmengine>=0.10.7,<1", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy", "regex"]
+
 setup(
     name="attention-zoo",
     version=_version,
@@ -51,12 +54,8 @@ setup(
             "segmentation-models-pytorch>=0.6",
             "transformers>=5",
             # the mm adapters' tests run on the no-compile path (mmcv-lite + zoo.detection.mmcv_compat)
-            "mmengine>=0.10.7,<1",
             "mmcv-lite==2.2.0",
-            "mmdet==3.3.0",
-            "mmsegmentation==1.2.2",
-            "ftfy",
-            "regex",
+            *_MM,
         ],
         "train": ["matplotlib", "tensorboard", "webdataset", "scikit-learn"],
         "detection": ["pycocotools"],
@@ -67,22 +66,8 @@ setup(
         "wandb": ["wandb"],
         # mmdet 3.3 / mmseg 1.2 with the mmcv they accept (< 2.2: no wheel with ops for torch 2.14, so build it
         # first with `make mmcv`), or "mm-lite": mmcv-lite (mmcv 2.2 without ops) and zoo's compatibility layer
-        "mm": [
-            "mmengine>=0.10.7,<1",
-            "mmcv>=2.0.0rc4,<2.2.0",
-            "mmdet==3.3.0",
-            "mmsegmentation==1.2.2",
-            "ftfy",
-            "regex",
-        ],
-        "mm-lite": [
-            "mmengine>=0.10.7,<1",
-            "mmcv-lite==2.2.0",
-            "mmdet==3.3.0",
-            "mmsegmentation==1.2.2",
-            "ftfy",
-            "regex",
-        ],
+        "mm": ["mmcv>=2.0.0rc4,<2.2.0", *_MM],
+        "mm-lite": ["mmcv-lite==2.2.0", *_MM],
     },
     entry_points={"console_scripts": ["zoo=zoo.cli:main"]},
     classifiers=[

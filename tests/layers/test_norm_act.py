@@ -113,26 +113,13 @@ def test_gradcheck_float64():
     )
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of distinct storages autograd keeps for backward while ``fn`` runs."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
-def test_lean_chain_keeps_fewer_maps():
+def test_lean_chain_keeps_fewer_maps(saved_bytes):
     """conv -> BN-SiLU -> conv: plain autograd keeps BN input, BN output and SiLU output; lean drops the middle."""
     torch.manual_seed(0)
     chain = nn.Sequential(nn.Conv2d(8, 16, 1), BatchNormAct2d(16, act_layer="silu"), nn.Conv2d(16, 8, 1))
     x = torch.randn(4, 8, 32, 32, requires_grad=True)
-    saved_plain = _saved_bytes(lambda: chain(x))
+    saved_plain = saved_bytes(lambda: chain(x))
     lean_batch_norm_act_(chain)
-    saved_lean = _saved_bytes(lambda: chain(x))
+    saved_lean = saved_bytes(lambda: chain(x))
     map_bytes = 4 * 16 * 32 * 32 * 4  # one (B, 16, 32, 32) fp32 map
     assert saved_plain - saved_lean > 0.99 * map_bytes, (saved_plain, saved_lean)  # less a few statistics

@@ -213,20 +213,7 @@ def test_recompute_gives_the_same_gradients() -> None:
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
-def test_lean_norm_act_keeps_timms_numerics_and_saves_less() -> None:
+def test_lean_norm_act_keeps_timms_numerics_and_saves_less(saved_bytes) -> None:
     """Training step of halonet50ts (SiLU): zoo's lean BN-act / block tails vs timm's model, same weights."""
     torch.manual_seed(0)
     ref = timm.create_model("halonet50ts").train()
@@ -241,7 +228,7 @@ def test_lean_norm_act_keeps_timms_numerics_and_saves_less() -> None:
         def step(model=model, saved=saved) -> None:
             saved["out"] = model(x)
 
-        saved["bytes"] = _saved_bytes(step)
+        saved["bytes"] = saved_bytes(step)
         (saved["out"] * torch.linspace(-1, 1, 1000)).sum().backward()
         grads = {k: p.grad for k, p in model.named_parameters()}
         steps.append((saved["out"].detach(), grads, dict(model.named_buffers()), saved["bytes"]))

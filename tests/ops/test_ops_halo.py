@@ -193,19 +193,12 @@ def test_triton_fp16_gradients_close_to_fp32_reference(dkdv, monkeypatch):
         assert error < 3e-3, f"d{name}: max error {error:.2e} of the largest gradient"
 
 
-def test_triton_keeps_no_relative_logit_tables_for_backward():
+def test_triton_keeps_no_relative_logit_tables_for_backward(saved_bytes):
     """The Triton path saves q, k, v, the position tables, out and lse; the per-query logit tables (2 x (2*win-1)
     fp32 values per query, larger than q) and an fp32 copy of q are rebuilt in the backward instead."""
     q, k, v, tables, _ = _halo_inputs(1, 2, 16, 16, 8, 8, 8, 3, 1, True)
     leaves = [t.requires_grad_(True) for t in (q, k, v, *tables)]
-    saved: dict[tuple, int] = {}
-
-    def pack(t):
-        saved[(t.data_ptr(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ops.halo_attention(*leaves[:3], 8, 3, tuple(leaves[3:]), backend="triton")
+    saved = saved_bytes(lambda: ops.halo_attention(*leaves[:3], 8, 3, tuple(leaves[3:]), backend="triton"))
     qkv_out = 4 * q.numel() * q.element_size()  # q, k, v and out (d_v = d_qk here)
-    extra = sum(saved.values()) - qkv_out
+    extra = saved - qkv_out
     assert extra <= q.numel() // 8 * 4 + sum(t.numel() * 4 for t in tables), f"{extra} bytes beyond q, k, v, out"

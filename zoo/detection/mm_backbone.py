@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
-from zoo.detection.torchvision import _create_features_model, _frozen_children
+from zoo.detection.torchvision import _frozen_children, feature_levels
 
 __all__ = ["ZooBackbone", "layer_decay_custom_keys", "layer_decay_paramwise_cfg"]
 
@@ -77,30 +77,11 @@ class ZooBackbone(nn.Module):
         self.model_kwargs = dict(model_kwargs)
         pretrained = pretrained if pretrained is not None else False
 
-        body = _create_features_model(model_name, None, pretrained, **model_kwargs)
-        info = list(body.feature_info.info)
+        body, info, wanted, select = feature_levels(model_name, out_indices, pretrained, **model_kwargs)
         reductions = [int(lvl["reduction"]) for lvl in info]
-        if out_indices is None:
-            wanted = [i for i, r in enumerate(reductions) if 4 <= r <= 32] or [len(info) - 1]
-        else:
-            wanted = [int(i) for i in out_indices]
-            bad = [i for i in wanted if not -len(info) <= i < len(info)]
-            if bad or not wanted:
-                raise ValueError(
-                    f"out_indices {tuple(out_indices)} not available in {model_name!r}: it has {len(info)} feature "
-                    f"levels (indices 0..{len(info) - 1}, strides {reductions}, channels "
-                    f"{[lvl['num_chs'] for lvl in info]}); pick out_indices among them"
-                )
-            wanted = [i % len(info) for i in wanted]
-            if sorted(set(wanted)) != wanted:
-                raise ValueError(f"out_indices must be increasing and unique, got {tuple(out_indices)}")
-        have = list(body.feature_info.out_indices)
-        if not set(wanted) <= set(have):  # the default build stops early: rebuild with the levels asked for
-            body = _create_features_model(model_name, wanted, pretrained, **model_kwargs)
-            have = list(body.feature_info.out_indices)
         self.model = body
         self.out_indices = tuple(wanted)
-        self.select = [have.index(i) for i in wanted]
+        self.select = select
         self.out_channels = [int(info[i]["num_chs"]) for i in wanted]
         self.strides = [reductions[i] for i in wanted]
         self.output_fmt = str(getattr(body, "output_fmt", "NCHW")).split(".")[-1].upper()

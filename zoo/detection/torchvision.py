@@ -144,13 +144,37 @@ def _create_features_model(
         raise
 
 
-def _default_indices(reductions: Sequence[int], detector: str) -> list[int]:
-    """Feature levels a detector uses: strides 4..32 for R-CNNs (C2-C5), 8..32 for RetinaNet (C3-C5)."""
-    low = 8 if detector == "retinanet" else 4
-    picked = [i for i, r in enumerate(reductions) if low <= r <= 32]
-    if not picked:  # a single-scale backbone (e.g. a plain ViT): its last level
-        picked = [len(reductions) - 1]
-    return picked
+def feature_levels(
+    backbone: str, out_indices: Sequence[int] | None, pretrained: Any, min_stride: int = 4, **kwargs: Any
+) -> tuple[nn.Module, list[dict], list[int], list[int]]:
+    """The ``features_only`` model of ``backbone`` with the levels a detector or segmentor asks for.
+
+    ``out_indices`` (negative allowed, increasing) or by default the levels of stride ``min_stride``..32 (the last
+    level for a single-scale backbone such as a plain ViT). Returns ``(body, info, wanted, select)``: the model,
+    the ``feature_info`` of all its levels, the wanted level indices, and where each sits in the body's outputs.
+    """
+    body = _create_features_model(backbone, None, pretrained, **kwargs)
+    info = list(body.feature_info.info)
+    reductions = [int(lvl["reduction"]) for lvl in info]
+    if out_indices is None:
+        wanted = [i for i, r in enumerate(reductions) if min_stride <= r <= 32] or [len(info) - 1]
+    else:
+        wanted = [int(i) for i in out_indices]
+        bad = [i for i in wanted if not -len(info) <= i < len(info)]
+        if bad or not wanted:
+            raise ValueError(
+                f"out_indices {tuple(out_indices)} not available in {backbone!r}: it has {len(info)} feature levels "
+                f"(indices 0..{len(info) - 1}, strides {reductions}, channels {[lvl['num_chs'] for lvl in info]}); "
+                "pick out_indices among them"
+            )
+        wanted = [i % len(info) for i in wanted]
+        if sorted(set(wanted)) != wanted:
+            raise ValueError(f"out_indices must be increasing and unique, got {tuple(out_indices)}")
+    have = list(body.feature_info.out_indices)
+    if not set(wanted) <= set(have):  # the default build stopped early: rebuild with the levels asked for
+        body = _create_features_model(backbone, wanted, pretrained, **kwargs)
+        have = list(body.feature_info.out_indices)
+    return body, info, wanted, [have.index(i) for i in wanted]
 
 
 def _frozen_children(body: nn.Module, info: Sequence[dict], n_units: int) -> list[str]:
@@ -214,27 +238,9 @@ def build_backbone_fpn(
         raise ValueError(f"unknown detector {detector!r}; expected one of {DETECTORS}")
     if trainable_layers is not None and frozen_stages not in (0, None):
         raise ValueError("pass either frozen_stages or trainable_layers, not both")
-    body = _create_features_model(backbone, None, pretrained_backbone, **backbone_kwargs)
-    info = list(body.feature_info.info)
+    low = 8 if detector == "retinanet" else 4  # RetinaNet uses C3-C5, the R-CNNs C2-C5
+    body, info, wanted, select = feature_levels(backbone, out_indices, pretrained_backbone, low, **backbone_kwargs)
     reductions = [int(lvl["reduction"]) for lvl in info]
-    if out_indices is None:
-        wanted = _default_indices(reductions, detector)
-    else:
-        wanted = [int(i) for i in out_indices]
-        bad = [i for i in wanted if not -len(info) <= i < len(info)]
-        if bad or not wanted:
-            raise ValueError(
-                f"out_indices {tuple(out_indices)} not available in {backbone!r}: it has {len(info)} feature levels "
-                f"(indices 0..{len(info) - 1}, strides {reductions}, channels {[lvl['num_chs'] for lvl in info]})"
-            )
-        wanted = [i % len(info) for i in wanted]
-        if sorted(set(wanted)) != wanted:
-            raise ValueError(f"out_indices must be increasing and unique, got {tuple(out_indices)}")
-    have = list(body.feature_info.out_indices)
-    if not set(wanted) <= set(have):  # the default build stopped early: rebuild with the levels asked for
-        body = _create_features_model(backbone, wanted, pretrained_backbone, **backbone_kwargs)
-        have = list(body.feature_info.out_indices)
-    select = [have.index(i) for i in wanted]
 
     stages = [lvl for lvl in info if lvl["reduction"] >= 4] or info
     if trainable_layers is not None:
@@ -264,7 +270,7 @@ def build_backbone_fpn(
         body,
         [int(info[i]["num_chs"]) for i in wanted],
         out_channels,
-        select=None if select == list(range(len(have))) else select,
+        select=None if select == list(range(len(body.feature_info.out_indices))) else select,
         extra_block=extra,
         output_fmt=str(getattr(body, "output_fmt", "NCHW")),
         frozen_modules=frozen,

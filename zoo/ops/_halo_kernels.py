@@ -32,6 +32,19 @@ def _query_block(qblock, n_bw, Hq, Wq, BQ: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _key_block(kblock, n_bw, H, W, B_SIZE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Block coordinates, global (row, col) and validity of the keys of key block ``kblock``, laid out on a
+    ``BLOCK_B x BLOCK_B`` grid (key ``n`` at block row ``n // BLOCK_B``, column ``n % BLOCK_B``)."""
+    n = tl.arange(0, BLOCK_B * BLOCK_B)
+    kby = kblock // n_bw
+    kbx = kblock % n_bw
+    y = kby * B_SIZE + n // BLOCK_B
+    x = kbx * B_SIZE + n % BLOCK_B
+    key_ok = (n // BLOCK_B < B_SIZE) & (n % BLOCK_B < B_SIZE) & (y < H) & (x < W)
+    return kby, kbx, y, x, key_ok
+
+
+@triton.jit
 def _halo_fwd_kernel(
     Q, K, V, RH, RW, OUT, LSE,
     sqb, sqh, sqy, sqx, sqd,
@@ -213,12 +226,7 @@ def _halo_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
     h = (bh % nh).to(tl.int64)
-    kby = kblock // n_bw
-    kbx = kblock % n_bw
-    n = tl.arange(0, BLOCK_KEYS)
-    y = kby * B_SIZE + n // BLOCK_B
-    x = kbx * B_SIZE + n % BLOCK_B
-    key_ok = (n // BLOCK_B < B_SIZE) & (n % BLOCK_B < B_SIZE) & (y < H) & (x < W)
+    kby, kbx, y, x, key_ok = _key_block(kblock, n_bw, H, W, B_SIZE, BLOCK_B)
     r = tl.arange(0, BLOCK_B)  # a key row (or column) inside the block
     dqk = tl.arange(0, BLOCK_DQK)
     dv = tl.arange(0, BLOCK_DV)
@@ -290,12 +298,7 @@ def _halo_fold_kernel(
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
     h = (bh % nh).to(tl.int64)
-    kby = kblock // n_bw
-    kbx = kblock % n_bw
-    n = tl.arange(0, BLOCK_KEYS)
-    y = kby * B_SIZE + n // BLOCK_B
-    x = kbx * B_SIZE + n % BLOCK_B
-    key_ok = (n // BLOCK_B < B_SIZE) & (n % BLOCK_B < B_SIZE) & (y < H) & (x < W)
+    kby, kbx, y, x, key_ok = _key_block(kblock, n_bw, H, W, B_SIZE, BLOCK_B)
     dqk = tl.arange(0, BLOCK_DQK)
     dv = tl.arange(0, BLOCK_DV)
     dk = tl.zeros([BLOCK_KEYS, BLOCK_DQK], tl.float32)

@@ -228,10 +228,7 @@ def _halo_backward(
     drel_w = torch.zeros(rel_w.shape if has_rel else 0, dtype=torch.float32, device=q.device)
     rel_args = (rel_h, rel_w) if has_rel else (lse, lse)
     drel_args = (drel_h, drel_w) if has_rel else (lse, lse)
-    # DRH/DRW are written with RH's strides: give them the same layout
-    if has_rel and drel_h.stride() != rel_h.stride():
-        rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
-        rel_args = (rel_h, rel_w)
+    # DRH/DRW are written with RH's strides: both contiguous (the tables are built by _rel_logits_tables)
     rel_strides = rel_h.stride() if has_rel else (0,) * 5
     log2e = math.log2(math.e)
     rel_scale = scale if scale_pos_embed else 1.0
