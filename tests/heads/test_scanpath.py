@@ -150,8 +150,10 @@ def test_oat_learns_the_coins_search_task(tmp_path) -> None:
     # decodes) on 8 validation scanpaths picked the epoch-20 checkpoint of a 30-epoch run (delta 0.42 there,
     # 0.82 at epoch 30), an under-trained model that loops on one coin; that, not the metric, made the
     # delta no better than random (0.47 vs 0.46)
+    # validation every 5 epochs: at every 15 the pick (epoch 30, past the minimum near 25) depended on float
+    # rounding and sometimes looped on a fixed path (edit distance 15 instead of 10)
     result = train_scanpath_model(
-        model, data, splits, epochs=EPOCHS, lr=1e-3, eval_every=15, patience=100, verbose=False,
+        model, data, splits, epochs=EPOCHS, lr=1e-3, eval_every=5, patience=100, verbose=False,
         out_dir=tmp_path / "run", monitor="loss",
     )  # fmt: skip
     assert (tmp_path / "run" / "metrics.csv").is_file()
@@ -161,8 +163,9 @@ def test_oat_learns_the_coins_search_task(tmp_path) -> None:
     lengths = [len(s.fixations) for s in splits["train"]]
     # the random-fixation baseline of the paper: uniform objects, lengths drawn from the training scanpaths
     rand = evaluate_scanpaths(data, random_scanpaths([24] * len(refs), lengths, seed=0), refs)
-    # measured (seed 0, greedy, 15 test scanpaths) ours vs random: SS 0.62 vs 0.17, edit distance 7.9 vs 17.6,
-    # MultiMatch position 0.88 vs 0.71, direction 0.95 vs 0.62, behavioural delta 0.17 vs 0.46
+    # measured (seed 0, greedy, 15 test scanpaths) ours vs random: SS 0.57 vs 0.17, edit distance 9.9 vs 17.6,
+    # behavioural delta 0.04 vs 0.46 (earlier, with validation every 15 epochs: SS 0.62, edit distance 7.9,
+    # MultiMatch position 0.88 vs 0.71, direction 0.95 vs 0.62)
     assert ours["sequence_score"] > rand["sequence_score"] + 0.2, (ours, rand)
     assert ours["edit_distance"] < rand["edit_distance"] - 3
     assert ours["multimatch_position"] > rand["multimatch_position"] + 0.05

@@ -13,7 +13,9 @@ def test_every_option_runs(tmp_path):
     cfg = Config()
     cfg.model.kwargs = yaml.safe_load(TINY_BIFORMER)
     cfg.model.channels_last = cfg.model.grad_checkpointing = True
-    cfg.data.source, cfg.data.img_size, cfg.data.num_workers, cfg.data.in_chans = "digits", 16, 0, 3
+    # 32 px, not 16: at 16 px the last downsampling conv sees a 1x1 map, where this torch build's bf16 CPU conv
+    # weight gradient (stride 2) is nondeterministic garbage (an upstream oneDNN defect; made this test flaky)
+    cfg.data.source, cfg.data.img_size, cfg.data.num_workers, cfg.data.in_chans = "digits", 32, 0, 3
     cfg.data.limit_train, cfg.data.limit_val = 64, 32
     cfg.aug.auto_augment, cfg.aug.reprob, cfg.aug.mixup, cfg.aug.cutmix = "rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0
     cfg.aug.repeated_aug = 3
