@@ -54,6 +54,20 @@ def test_unknown_model_suggests_close_names() -> None:
         zoo.create_model("davit_tinyy")
 
 
+def test_close_model_names_once_each_zoo_and_timm() -> None:
+    """Zoo-only names are in timm's registry too: each is suggested once; case and tag do not matter."""
+    names = _registry.close_model_names("BiFormer_Tiyn.in1k", n=5)
+    assert names[0] == "biformer_tiny" and len(names) == len(set(names))
+    assert "resnet18" in _registry.close_model_names("resnet81")  # timm's names are candidates too
+    assert _registry.close_model_names("zzzzzz") == []
+
+
+def test_zoo_only_names_in_timm_build_the_zoo_class() -> None:
+    model = timm.create_model("biformer_tiny", depths=(1, 1, 1, 1), num_classes=3, device="meta")
+    assert type(model).__module__ == "zoo.models.biformer" and model.num_classes == 3
+    assert timm.models.model_entrypoint("biformer_tiny").__wrapped__ is zoo.models.biformer.biformer_tiny
+
+
 def test_tags_and_invalid_tag() -> None:
     cfg = zoo.get_pretrained_cfg("davit_tiny")
     assert cfg.tag == "msft_in1k" and cfg.hf_hub_id == "timm/davit_tiny.msft_in1k"

@@ -103,6 +103,29 @@ def test_checkpoint_path_loads_timm_format(davit_reference, tmp_path) -> None:
         assert torch.equal(model(x), expected)
 
 
+def test_checkpoint_path_prefers_ema_and_strips_wrapper_prefixes(davit_reference, tmp_path) -> None:
+    """As timm's load_checkpoint: 'state_dict_ema' first, DDP 'module.' prefixes removed; argparse args allowed."""
+    import argparse
+
+    reference, x, expected = davit_reference
+    ema = {f"module.{k}": v for k, v in reference.state_dict().items()}
+    other = {k: torch.zeros_like(v) for k, v in reference.state_dict().items()}
+    path = tmp_path / "train_ckpt.pth.tar"
+    torch.save({"state_dict": other, "state_dict_ema": ema, "args": argparse.Namespace(lr=0.1), "epoch": 9}, path)
+    model = zoo.create_model("davit_tiny", checkpoint_path=path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_checkpoint_path_of_another_head_names_the_keys(davit_reference, tmp_path) -> None:
+    reference, _, _ = davit_reference
+    path = tmp_path / "davit_1000.pth"
+    torch.save(reference.state_dict(), path)
+    with pytest.raises(ValueError, match=r"davit_1000\.pth does not fit davit_tiny: 2 keys of another shape") as info:
+        zoo.create_model("davit_tiny", num_classes=5, checkpoint_path=path, device="meta")
+    assert "head.fc.weight (1000, 768) vs (5, 768)" in str(info.value)
+
+
 def test_export_reads_back_in_timm_and_zoo(davit_reference, tmp_path) -> None:
     reference, x, _ = davit_reference
     path = tmp_path / "official.pth"

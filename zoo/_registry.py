@@ -17,7 +17,9 @@ Every entry carries a *kind*: ``backbone`` (timm's model contract), ``mil_head``
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterable
@@ -48,6 +50,7 @@ __all__ = [
     "get_pretrained_cfg_value",
     "get_arch_pretrained_cfgs",
     "split_model_name_tag",
+    "close_model_names",
 ]
 
 # What each kind of entry promises; the contract tests in tests/ are parametrised over each kind.
@@ -144,12 +147,28 @@ def register_model(fn: Callable[..., Any] | None = None, *, kind: str = "backbon
         in_timm = False
         if not timm.is_model(name):
             # timm reads the same module-level default_cfgs, so both registries agree on tags
-            timm.models.register_model(fn)
+            timm.models.register_model(_timm_entrypoint(fn))
             in_timm = True
         _add_entry(ZooEntry(name, fn, kind, fn.__module__, default_cfg, in_timm=in_timm))
         return fn
 
     return _register(fn) if fn is not None else _register
+
+
+def _timm_entrypoint(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What timm's registry calls for a zoo-only name: zoo's argument checks and weight fetching, then ``fn``.
+
+    Without it ``import zoo; timm.create_model('<zoo arch>', pretrained=True)`` goes straight to timm's loader
+    (offline: a bare URLError; share links of every variant cached under one file name 'content').
+    """
+
+    @functools.wraps(fn)  # timm registers by __name__ / __module__ and reads that module's default_cfgs
+    def entry(pretrained: bool = False, **kwargs: Any) -> Any:
+        from ._factory import call_timm_entrypoint  # late: _factory imports this module
+
+        return call_timm_entrypoint(fn, pretrained, kwargs)
+
+    return entry
 
 
 def register_external(
@@ -311,10 +330,16 @@ def get_arch_pretrained_cfgs(model_name: str) -> dict[str, PretrainedCfg]:
     return {t: deepcopy(_pretrained_cfgs[t]) for t in _with_tags.get(arch, []) if t in _pretrained_cfgs}
 
 
-def _unknown_model_message(model_name: str) -> str:
-    import difflib
+def close_model_names(name: str, n: int = 5) -> list[str]:
+    """Up to ``n`` zoo and timm architecture names close to ``name`` (tag ignored), best first, each once.
 
-    known = list(_entries) + timm.list_models()
-    close = difflib.get_close_matches(split_model_name_tag(model_name)[0], known, n=5, cutoff=0.6)
+    Zoo-only names are also in timm's registry: the candidates are deduplicated before matching.
+    """
+    known = list(dict.fromkeys([*_entries, *timm.list_models()]))
+    return difflib.get_close_matches(split_model_name_tag(name)[0].strip().lower(), known, n=n, cutoff=0.6)
+
+
+def _unknown_model_message(model_name: str) -> str:
+    close = close_model_names(model_name)
     hint = f" Did you mean: {', '.join(close)}?" if close else " See `zoo list` or zoo.list_models()."
     return f"unknown model {model_name!r}: not in zoo's registry nor in timm's.{hint}"

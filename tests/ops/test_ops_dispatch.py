@@ -63,6 +63,29 @@ def test_env_override(inputs, monkeypatch):
         ops.select_routed_backend(*inputs, 2, 0.3)
 
 
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("tritn", r"unknown backend 'tritn'; known backends: .*'torch_lean'"),  # a typo is not a silent auto
+        ("routed_attention=torch,halo=torch", r"op 'halo', which has no backends; ops: \['halo_attention'"),
+        ("halo_attention=torch_lean", r"halo_attention has backends"),  # checked whichever op asks
+    ],
+)
+def test_env_names_are_checked(inputs, monkeypatch, value, match):
+    monkeypatch.setenv("ZOO_OPS_BACKEND", value)
+    with pytest.raises(BackendUnavailableError, match=match):
+        ops.select_routed_backend(*inputs, 2, 0.3)
+
+
+def test_env_plain_name_applies_where_it_exists(inputs, monkeypatch):
+    from zoo.ops._dispatch import _env_choice
+
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "torch_lean")  # routed only: halo keeps auto
+    assert ops.select_routed_backend(*inputs, 2, 0.3) == "torch_lean" and _env_choice("halo_attention") is None
+    monkeypatch.setenv("ZOO_OPS_BACKEND", "auto,torch")
+    assert ops.select_routed_backend(*inputs, 2, 0.3) == "torch" and _env_choice("halo_attention") == "torch"
+
+
 def test_forcing_an_unsupported_backend_lists_every_reason(inputs):
     q, k, v, idx = inputs
     q, k, v = q.double(), k.double(), v.double()

@@ -135,6 +135,8 @@ class EfficientPooling(nn.Module):
         use_prefix_tokens: bool = False,
     ) -> None:
         super().__init__()
+        if embed_dim < 1 or num_queries < 1 or d_out < 1:
+            raise ValueError(f"EP: embed_dim={embed_dim}, num_queries={num_queries} and d_out={d_out} must all be >= 1")
         if embed_dim % (num_queries * d_out):
             raise ValueError(
                 f"EP needs embed_dim divisible by num_queries * d_out: {embed_dim} % ({num_queries} * {d_out}) "
@@ -206,6 +208,8 @@ def _default_heads(embed_dim: int) -> int:
 
 
 def _check_heads(embed_dim: int, num_heads: int | None) -> int:
+    if num_heads is not None and num_heads < 1:  # 0 must not fall back to the default silently
+        raise ValueError(f"num_heads={num_heads} must be >= 1 (or None for heads of 64 channels)")
     num_heads = num_heads or _default_heads(embed_dim)
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; pick a divisor of it")
@@ -403,6 +407,8 @@ class Probe(nn.Module):
 
     def __init__(self, pool: nn.Module, num_classes: int) -> None:
         super().__init__()
+        if num_classes < 1:  # a probe is its classifier: forward_pool gives the features without one
+            raise ValueError(f"num_classes={num_classes}: a probe needs >= 1 class; use forward_pool for features")
         self.pool = pool
         self.num_classes = num_classes
         self.num_features = pool.out_dim

@@ -133,7 +133,7 @@ class AppearanceCNN(nn.Module):
         h, w = crop_size
         h, w = ((h - 4) // 5 - 2) // 3, ((w - 4) // 5 - 2) // 3
         if h < 1 or w < 1:
-            raise ValueError(f"crop_size {crop_size} is too small for the OAT CNN (needs at least 21 x 21)")
+            raise ValueError(f"crop_size {crop_size} is too small for the OAT CNN (needs at least 29 x 29)")
         self.fc = nn.Linear(32 * h * w, out_dim)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
@@ -207,6 +207,11 @@ class OAT(nn.Module):
     ) -> None:
         super().__init__()
         rows, cols = grid
+        if rows < 1 or cols < 1 or (max_objects is not None and max_objects < 1):
+            # checked before use: max_objects=0 would otherwise fall back to rows * cols silently
+            raise ValueError(
+                f"OAT: grid={tuple(grid)} and max_objects={max_objects} must be >= 1 (or max_objects=None)"
+            )
         self.grid, self.crop_size = (int(rows), int(cols)), tuple(crop_size)
         self.max_objects = int(max_objects or rows * cols)
         self.eos, self.pad, self.bos = self.max_objects, self.max_objects + 1, self.max_objects + 2

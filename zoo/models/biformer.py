@@ -117,6 +117,8 @@ class BiLevelRoutingAttention(nn.Module):
         dd = dict(device=device, dtype=dtype)
         super().__init__()
         qk_dim = qk_dim or dim
+        if num_heads < 1 or n_win < 1:
+            raise ValueError(f"num_heads={num_heads} and n_win={n_win} must both be >= 1")
         if qk_dim % num_heads or dim % num_heads:
             raise ValueError(f"qk_dim={qk_dim} and dim={dim} must both be divisible by num_heads={num_heads}")
         if not 0 < topk <= n_win * n_win:
@@ -384,6 +386,37 @@ def _per_stage(value: Any, name: str, n: int = 4) -> tuple:
     return values
 
 
+def _check_sizes(
+    in_chans: int,
+    num_classes: int,
+    embed_dims: tuple[int, ...],
+    qk_dims: tuple[int, ...],
+    head_dim: int,
+    n_wins: tuple[int, ...],
+    topks: tuple[int, ...],
+    global_heads: int,
+) -> None:
+    """Sizes a BiFormer cannot be built with, named (a direct build does not pass zoo.create_model's checks)."""
+    if in_chans < 1 or num_classes < 0 or head_dim < 1 or global_heads < 1:
+        raise ValueError(
+            f"in_chans={in_chans}, num_classes={num_classes}, head_dim={head_dim}, global_heads={global_heads}: "
+            "expected in_chans, head_dim and global_heads >= 1 and num_classes >= 0"
+        )
+    for i, (dim, qk_dim, n_win, topk) in enumerate(zip(embed_dims, qk_dims, n_wins, topks)):
+        if dim < 1 or n_win < 1:
+            raise ValueError(f"stage {i}: embed_dims {dim} and n_win {n_win} must be >= 1")
+        if topk != -2 and topk < 1:  # the upper bound (n_win**2 regions) is the attention's own check
+            raise ValueError(
+                f"topks={topks}: stage {i} has topk={topk}; expected >= 1 routed regions or -2 (global "
+                "attention + LCE, the last stage of every official variant)"
+            )
+        if topk > 0 and qk_dim < head_dim:
+            raise ValueError(
+                f"stage {i}: qk_dims {qk_dim} < head_dim={head_dim} gives no attention head (heads = qk_dim // "
+                f"head_dim); pass head_dim <= {qk_dim}"
+            )
+
+
 class BiFormer(nn.Module):
     """BiFormer backbone and classifier, timm model contract.
 
@@ -446,11 +479,14 @@ class BiFormer(nn.Module):
             raise ValueError(f"pad_mode={pad_mode!r}; expected one of {PAD_MODES}")
         depths = tuple(depths)
         num_stages = len(depths)
+        if not num_stages or any(d < 0 for d in depths):
+            raise ValueError(f"depths={depths}: expected one block count >= 0 per stage, e.g. (2, 2, 8, 2)")
         embed_dims = _per_stage(embed_dims, "embed_dims", num_stages)
         qk_dims = _per_stage(qk_dims or embed_dims, "qk_dims", num_stages)
         n_wins = _per_stage(n_win, "n_win", num_stages)
         topks = _per_stage(topks, "topks", num_stages)
         mlp_ratios = _per_stage(mlp_ratios, "mlp_ratios", num_stages)
+        _check_sizes(in_chans, num_classes, embed_dims, qk_dims, head_dim, n_wins, topks, global_heads)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.depths = depths

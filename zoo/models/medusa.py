@@ -135,7 +135,11 @@ class BottleneckSelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: float = 2.0) -> None:
         super().__init__()
-        assert dim % num_heads == 0, f"dim {dim} not divisible by num_heads {num_heads}"
+        if num_heads < 1 or dim % num_heads:  # a ValueError, not an assert: asserts vanish under python -O
+            raise ValueError(
+                f"MEDUSA body: bottleneck width body_widths[-1]={dim} is not divisible by body_attn_heads="
+                f"{num_heads}; pass a divisor of {dim} (or body_attn_heads=0 for no attention)"
+            )
         self.num_heads = num_heads
         self.pos = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # conditional position encoding
         self.norm1 = nn.LayerNorm(dim)
@@ -262,6 +266,12 @@ class Medusa(nn.Module):
         super().__init__()
         if fusion not in ("residual", "multiply"):
             raise ValueError(f"fusion must be 'residual' or 'multiply', got {fusion!r}")
+        sizes = (attn_size,) if isinstance(attn_size, int) else tuple(attn_size)
+        if not body_widths or min(body_widths) < 1 or min(sizes) < 1 or body_attn_heads < 0:
+            raise ValueError(
+                f"MEDUSA: body_widths={tuple(body_widths)}, attn_size={attn_size}, body_attn_heads="
+                f"{body_attn_heads}: widths and sizes must be >= 1 and heads >= 0"
+            )
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate

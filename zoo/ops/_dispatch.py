@@ -11,7 +11,8 @@ Selection, in priority order:
 2. the ``ZOO_OPS_BACKEND`` environment variable: a comma-separated list of ``name`` or ``op=name``
    entries, e.g. ``ZOO_OPS_BACKEND=torch`` or ``ZOO_OPS_BACKEND=routed_attention=torch_lean,halo_attention=torch``.
    An ``op=name`` entry applies to that op only; a plain ``name`` applies to every op that has a backend of
-   that name (ops without it keep ``auto``);
+   that name (ops without it keep ``auto``). A name no op has, a name the given op lacks, or an op without
+   backends is an error listing the known names (checked for the whole variable at every selection);
 3. ``auto``: the first backend in preference order whose ``check`` and ``auto_check`` both pass.
 
 A forced backend (1 or 2) that does not support the inputs raises :class:`BackendUnavailableError`
@@ -94,25 +95,53 @@ def backend_reasons(op: str, problem: Any, auto: bool = False) -> dict[str, str 
     return reasons
 
 
+def _env_entries(raw: str) -> list[tuple[str | None, str]]:
+    """``ZOO_OPS_BACKEND`` as ``(op or None, name)`` pairs, every op and name checked against the registry.
+
+    The whole variable is checked whichever op asks, so a typo is an error on the first call, not a silent
+    ``auto`` for the ops it was meant for.
+    """
+    known = {b.name for backends in _REGISTRY.values() for b in backends}
+    entries: list[tuple[str | None, str]] = []
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        if "=" in entry:
+            entry_op, name = (s.strip() for s in entry.split("=", 1))
+            if entry_op not in _REGISTRY:
+                raise BackendUnavailableError(
+                    f"{ENV_VAR}={raw!r} names op {entry_op!r}, which has no backends; ops: {sorted(_REGISTRY)} "
+                    f"(e.g. {ENV_VAR}=routed_attention=torch)"
+                )
+            names = {b.name for b in _REGISTRY[entry_op]}
+            if name != "auto" and name not in names:
+                raise BackendUnavailableError(
+                    f"{ENV_VAR} asks for backend {name!r} for {entry_op}; {entry_op} has backends {sorted(names)} "
+                    "(or 'auto')"
+                )
+            entries.append((entry_op, name))
+        else:
+            if entry != "auto" and entry not in known:
+                raise BackendUnavailableError(
+                    f"{ENV_VAR}={raw!r}: unknown backend {entry!r}; known backends: {sorted(known)} (or 'auto'), "
+                    f"per op: {available_backends()}"
+                )
+            entries.append((None, entry))
+    return entries
+
+
 def _env_choice(op: str) -> str | None:
     raw = os.environ.get(ENV_VAR, "").strip()
     if not raw:
         return None
     names = {b.name for b in _REGISTRY[op]}
     plain: str | None = None
-    for entry in (e.strip() for e in raw.split(",")):
-        if not entry:
-            continue
-        if "=" in entry:
-            entry_op, name = (s.strip() for s in entry.split("=", 1))
-            if entry_op == op:
-                if name != "auto" and name not in names:
-                    raise BackendUnavailableError(
-                        f"{ENV_VAR} asks for backend {name!r} for {op}; {op} has backends {sorted(names)}"
-                    )
-                return None if name == "auto" else name
-        elif plain is None and entry in names:
-            plain = entry
+    for entry_op, name in _env_entries(raw):
+        if entry_op == op:
+            return None if name == "auto" else name
+        # a plain name applies to the ops that have it; the others keep auto
+        if entry_op is None and plain is None and name in names:
+            plain = name
     return plain
 
 
