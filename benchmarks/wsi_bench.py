@@ -92,8 +92,8 @@ def main() -> None:
         with open_slide(slide, args.reader) as opened:
             reader = opened.reader
         report = extract_features(
-            [slide], Path(tmp) / "features", args.backbone, tile_size=args.tile_size, mpp=0.5, min_tissue=0.0,
-            batch_size=args.batch_size, device=args.device, reader=args.reader, progress=False,
+            [slide], Path(tmp) / "features", args.backbone, random_weights=True, tile_size=args.tile_size, mpp=0.5,
+            min_tissue=0.0, batch_size=args.batch_size, device=args.device, reader=args.reader, progress=False,
         )  # fmt: skip
     print(f"slide written in {write_s:.1f} s")
     print(report.summary())

@@ -138,7 +138,7 @@ def test_blank_slides_have_no_tissue(tmp_path: Path, name: str) -> None:
     with wsi.open_slide(path) as slide:
         assert not wsi.detect_tissue(slide.get_thumbnail(512)).any()
     with pytest.raises(wsi.NoTissueError, match=f"{name}.tif: no tissue"):
-        wsi.extract_features([path], tmp_path / "feats", "test_resnet", on_error="raise")
+        wsi.extract_features([path], tmp_path / "feats", "test_resnet", random_weights=True, on_error="raise")
 
 
 def test_bad_slides_are_named(tmp_path: Path, ihc_slide) -> None:
@@ -159,12 +159,14 @@ def test_bad_slides_are_named(tmp_path: Path, ihc_slide) -> None:
     blank = wsi.write_pyramidal_tiff(np.full((512, 512, 3), 240, np.uint8), tmp_path / "blank.tif")
     with wsi.open_slide(blank) as slide:
         assert not wsi.detect_tissue(slide.get_thumbnail()).any()
-    report = wsi.extract_features([blank, truncated], tmp_path / "feats", "test_resnet", tile_size=64)
+    report = wsi.extract_features(
+        [blank, truncated], tmp_path / "feats", "test_resnet", random_weights=True, tile_size=64
+    )
     assert report.written == [] and set(report.failed) == {"blank", "truncated"}
     assert "no tissue" in report.failed["blank"] and "truncated.tif" in report.failed["truncated"]
     assert list((tmp_path / "feats").glob("*")) == []
     with pytest.raises(wsi.NoTissueError, match="blank.tif"):
-        wsi.extract_features([blank], tmp_path / "feats", "test_resnet", on_error="raise")
+        wsi.extract_features([blank], tmp_path / "feats", "test_resnet", random_weights=True, on_error="raise")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,6 +188,9 @@ def _ihc_tiles() -> tuple[np.ndarray, np.ndarray]:
             if target is not None:
                 target += [np.rot90(t, k) for t in (tile, tile[:, ::-1]) for k in range(4)]
     return np.stack(pos), np.stack(neg)
+
+
+MOSAIC_EXTRACTION = dict(random_weights=True, tile_size=32, mpp=0.5, min_tissue=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +220,15 @@ def mosaic_features(tmp_path_factory: pytest.TempPathFactory):
         writer.writerows(rows)
     feats = folder / "features"
     report = wsi.extract_features(
-        paths, feats, "test_convnext", tile_size=32, mpp=0.5, min_tissue=0.0, batch_size=64, thumbnail_size=256
+        paths,
+        feats,
+        "test_convnext",
+        random_weights=True,
+        tile_size=32,
+        mpp=0.5,
+        min_tissue=0.0,
+        batch_size=64,
+        thumbnail_size=256,
     )
     assert not report.failed, report.summary()
     print(report.summary())
@@ -233,7 +246,7 @@ def test_extraction_layout_and_resume(mosaic_features, tmp_path: Path, monkeypat
         assert f.attrs["backbone"] == "test_convnext" and f.attrs["read_level"] == 1 and f.attrs["complete"]
         assert f.attrs["mpp"] == 0.25 and f.attrs["target_mpp"] == 0.5 and f.attrs["tile_size_level0"] == 64
     # resume: a rerun redoes nothing
-    again = wsi.extract_features(paths, feats, "test_convnext", tile_size=32, mpp=0.5, min_tissue=0.0)
+    again = wsi.extract_features(paths, feats, "test_convnext", **MOSAIC_EXTRACTION)
     assert len(again.skipped) == 32 and not again.written
     # an interrupted run leaves no file (not even a partial one) for the slide it was writing
     out = tmp_path / "interrupted"
@@ -248,10 +261,10 @@ def test_extraction_layout_and_resume(mosaic_features, tmp_path: Path, monkeypat
     real = wsi._embed_slide
     monkeypatch.setattr(wsi, "_embed_slide", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        wsi.extract_features(paths[:3], out, "test_convnext", tile_size=32, mpp=0.5, min_tissue=0.0)
+        wsi.extract_features(paths[:3], out, "test_convnext", **MOSAIC_EXTRACTION)
     assert sorted(p.name for p in out.iterdir()) == ["slide_00.h5"]
     monkeypatch.setattr(wsi, "_embed_slide", real)
-    resumed = wsi.extract_features(paths[:3], out, "test_convnext", tile_size=32, mpp=0.5, min_tissue=0.0)
+    resumed = wsi.extract_features(paths[:3], out, "test_convnext", **MOSAIC_EXTRACTION)
     assert resumed.skipped == ["slide_00"] and resumed.written == ["slide_01", "slide_02"]
 
 
@@ -317,7 +330,7 @@ def test_acmil_learns_stained_slides(mosaic_features, tmp_path: Path) -> None:
     assert len(pngs) == 2
     from PIL import Image
 
-    assert Image.open(pngs[0]).size == (256, 256)  # over the stored thumbnail
+    assert Image.open(pngs[0]).size == (256, 256 + 46)  # over the stored thumbnail, a colour bar below
     # resume after the last epoch: nothing to train, same result
     assert train_mil(MILConfig(**{**cfg.__dict__, "resume": "auto"}))["best_epoch"] == result["best_epoch"]
 
