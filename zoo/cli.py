@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._cli_errors import ZooArgumentParser, non_negative_int, positive_int, run_reporting_errors, split_debug_flag
+
 
 def _cmd_list(args: argparse.Namespace) -> int:
     import zoo
@@ -54,8 +56,7 @@ def _cmd_card(args: argparse.Namespace) -> int:
         return 2
     for name in names:
         if not zoo.is_zoo_model(name):
-            print(f"{name!r} is not a zoo architecture (cards are for zoo's registry)", file=sys.stderr)
-            return 2
+            raise ValueError(f"{name!r} is not a zoo architecture (cards are for zoo's registry; see `zoo list`)")
         print(write_card(name, args.out))
     if args.readme:
         from zoo.tools.cards import update_readme
@@ -113,7 +114,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zoo", description=__doc__.splitlines()[0])
+    parser = ZooArgumentParser(
+        prog="zoo",
+        description=__doc__.splitlines()[0],
+        epilog="Errors print as one line; --debug (anywhere) or ZOO_DEBUG=1 shows the traceback.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list zoo architectures (fnmatch filter, e.g. 'davit*')")
@@ -138,10 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput and peak memory, interleaved, ratio to the first peer")
     p.add_argument("names", nargs="+")
     p.add_argument("--vs", nargs="*", default=[], help="peer models; ratios are to the first")
-    p.add_argument("--batch-size", "-b", type=int, default=8)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--iters", type=int, default=5, help="timed round-robin rounds")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch-size", "-b", type=positive_int, default=8)
+    p.add_argument("--img-size", type=positive_int, default=224)
+    p.add_argument("--iters", type=positive_int, default=5, help="timed round-robin rounds")
+    p.add_argument("--warmup", type=non_negative_int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-train", action="store_true", help="inference only")
@@ -154,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="load the cfg's weights first")
     p.add_argument("--file", default=None, help="a local checkpoint (official or timm format) to load first")
     p.add_argument("--checkpoint", default=None, help="a timm-format checkpoint loaded strictly after the build")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=non_negative_int, default=None)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="train a BiFormer on embedded Fashion-MNIST (else digits) on the CPU, validate it")
@@ -182,8 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv, debug = split_debug_flag(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse's usage errors (already printed as one line) and --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    prog = " ".join(["zoo", *(v for k, v in vars(args).items() if k.endswith("command") and isinstance(v, str))])
+    return run_reporting_errors(lambda: args.func(args), prog, debug)
 
 
 if __name__ == "__main__":

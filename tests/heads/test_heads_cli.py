@@ -45,7 +45,9 @@ def test_zoo_probe(tmp_path) -> None:
     assert int(rows[0]["trainable_params"]) == 32 * 192 + 192 * 192 + 192 * 10 + 10
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["feature_dim"] == 192 and meta["num_prefix_tokens"] == 1 and meta["num_tokens"] == 17
-    args = _parser().parse_args([a if a != "vit_tiny_patch16_224" else "vit_small_patch16_224" for a in argv])
+    # another backbone on the same cache (into a new run folder): the cache refuses, naming the first one
+    other = {"vit_tiny_patch16_224": "vit_small_patch16_224", str(tmp_path / "out"): str(tmp_path / "out2")}
+    args = _parser().parse_args([other.get(a, a) for a in argv])
     with pytest.raises(probe_cli.TokenCacheMismatchError, match="vit_tiny_patch16_224"):
         args.func(args)
 

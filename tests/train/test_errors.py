@@ -1,12 +1,9 @@
 """Clear errors before any work: data folders, class mismatch, unknown model, corrupt images, NaN loss."""
 
-import argparse
-
 import pytest
 import torch
 
 from zoo.train import loop as loop_lib
-from zoo.train.cli import add_cli
 from zoo.train.config import Config
 from zoo.train.data import DataError, check_image_folder
 
@@ -14,11 +11,10 @@ from ._common import TINY_BIFORMER, make_image_folder
 
 
 def zoo_cli(argv):
-    """The `zoo` command as the lead wires it: add_cli on the top-level sub-parsers."""
-    parser = argparse.ArgumentParser(prog="zoo")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The `zoo` command in-process: errors as one line on stderr, exit code 2."""
+    from zoo.cli import main
+
+    return main(argv)
 
 
 def tiny_cfg(tmp_path, source, **loop):

@@ -111,8 +111,9 @@ def build_dataset(folder: Path, per_class: int = 24, seed: int = 0) -> tuple[Pat
             else:
                 path = write_dicom(name.with_suffix(".dcm"), patch.clip(0, 32767), xray_photometric, bits_stored=15)
             rows.append(dict(path=path.name, label=label, patient_id=f"{label}-{i // 3}"))
-    if rg1 is not None:  # the real radiograph itself (1955x1841, 15-bit MONOCHROME1), by absolute path
-        rows.append(dict(path=rg1, label="xray", patient_id="xray-real"))
+    if rg1 is not None:  # the real radiograph itself (1955x1841, 15-bit MONOCHROME1), linked into the folder
+        (folder / "rg1_unci.dcm").symlink_to(rg1)  # CSV paths stay inside their folder: no absolute paths
+        rows.append(dict(path="rg1_unci.dcm", label="xray", patient_id="xray-real"))
     csv_path = folder / "labels.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "label", "patient_id"])
@@ -288,20 +289,22 @@ def test_multilabel_sigmoid_with_a_negative_label(tmp_path: Path) -> None:
 # ---- bad input ----------------------------------------------------------------------------------------------
 def test_bad_inputs_are_counted_or_named(dataset, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     csv_path, classes = dataset
-    rows = [r for r in _rows(csv_path) if not Path(r["path"]).is_absolute()][::4]  # 18 small images
-    for r in rows:
-        r["path"] = str(csv_path.parent / r["path"])
+    rows = [r for r in _rows(csv_path) if r["path"] != "rg1_unci.dcm"][::4]  # 18 small images
+    (tmp_path / "images").mkdir()
+    for r in rows:  # CSV paths stay inside the CSV's folder: link the images in
+        (tmp_path / "images" / r["path"]).symlink_to(csv_path.parent / r["path"])
+        r["path"] = f"images/{r['path']}"
     for i, r in enumerate(rows):
         r["split"] = ["train", "train", "val", "test"][i % 4]
-    good_dicom = next(Path(r["path"]) for r in rows if r["path"].endswith(".dcm"))
+    good_dicom = next(tmp_path / r["path"] for r in rows if r["path"].endswith(".dcm"))
     truncated = tmp_path / "truncated.dcm"  # header intact, pixel data cut: found only when decoding
     truncated.write_bytes(good_dicom.read_bytes()[:-2000])
     junk = tmp_path / "junk.png"
     junk.write_text("not an image")
     bad = [
-        dict(path=str(tmp_path / "gone.png"), label=classes[0], patient_id="x", split="train"),
-        dict(path=str(junk), label=classes[1], patient_id="y", split="train"),
-        dict(path=str(truncated), label=classes[2], patient_id="z", split="train"),
+        dict(path="gone.png", label=classes[0], patient_id="x", split="train"),
+        dict(path=junk.name, label=classes[1], patient_id="y", split="train"),
+        dict(path=truncated.name, label=classes[2], patient_id="z", split="train"),
     ]
     bad_csv = tmp_path / "bad.csv"
     with open(bad_csv, "w", newline="") as f:
@@ -332,7 +335,7 @@ def test_bad_inputs_are_counted_or_named(dataset, tmp_path: Path, capsys: pytest
     # a colour DICOM is a data set problem: always an error naming the file and the photometric interpretation
     rgb = write_dicom(tmp_path / "rgb.dcm", np.zeros((8, 8, 3), np.uint8), "RGB")
     with open(bad_csv, "a", newline="") as f:
-        csv.writer(f).writerow([str(rgb), classes[0], "w", "train"])
+        csv.writer(f).writerow([rgb.name, classes[0], "w", "train"])
     with pytest.raises(cxr.UnsupportedPhotometricError, match=r"rgb\.dcm.*'RGB'.*MONOCHROME1, MONOCHROME2"):
         finetune.finetune_cxr(tiny_config(bad_csv, tmp_path / "rgb", epochs=1))
     # labels outside the class list, and missing columns

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._io import confined_path, plain_name
+
 __all__ = [
     "Display",
     "DisplayObject",
@@ -117,8 +119,10 @@ def _display_from_dict(rec: dict[str, Any], index: int, root: Path) -> Display:
     if rec.get("target") is None:
         raise ScanpathDataError(f"{name} has no target: set 'target' to the id of one of its objects")
     image = rec.get("image")
-    if isinstance(image, str) and not os.path.isabs(image):
-        image = str(root / image)
+    if isinstance(image, str):  # relative to the JSON's folder and confined to it (a file handed in)
+        image = str(confined_path(root, image, "image", name))
+    elif image is not None:
+        raise ScanpathDataError(f"{name}: 'image' must be a path relative to the displays file, got {image!r}")
     objects = [
         DisplayObject(
             o.get("id"), tuple(float(v) for v in o.get("box", ())), int(o.get("row", -1)), int(o.get("col", -1))
@@ -202,10 +206,16 @@ def _read_csv_scanpaths(path: Path) -> list[dict[str, Any]]:
 def read_scanpaths(path: str | os.PathLike, scanpaths: str | os.PathLike | None = None) -> ScanpathData:
     """Read and validate displays (+ scanpaths) from a JSON file, scanpaths optionally from a CSV file."""
     path = Path(path)
+    if not path.is_file():
+        raise ScanpathDataError(f"displays file {path} does not exist (pass a JSON file or 'synthetic-coins')")
     try:
         doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ScanpathDataError(f"{path} is not valid JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScanpathDataError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise ScanpathDataError(f"{path} must hold a JSON object with a 'displays' list, not {type(doc).__name__}")
+    if scanpaths is not None and not Path(scanpaths).is_file():
+        raise ScanpathDataError(f"scanpaths file {scanpaths} does not exist")
     return scanpaths_from_dict(doc, path.parent, scanpaths)
 
 
@@ -237,9 +247,13 @@ def write_scanpaths(data: ScanpathData, path: str | os.PathLike, image_dir: str 
             from PIL import Image
 
             image_dir.mkdir(parents=True, exist_ok=True)
-            out = image_dir / f"{d.id}.png"
+            out = image_dir / f"{plain_name(d.id, 'display id')}.png"  # an id never writes outside image_dir
             Image.fromarray(image.astype(np.uint8)).save(out)
-            image = os.path.relpath(out, path.parent)
+            image = str(out)
+        if isinstance(image, str):
+            image = os.path.relpath(image, path.parent)
+            if image.split(os.sep)[0] == "..":  # the reader confines images to the JSON's folder
+                raise ScanpathDataError(f"display {d.id!r}: image {d.image} must be inside the folder of {path}")
         objects = [dict(id=o.id, box=list(o.box), row=o.row, col=o.col) for o in d.objects]
         displays.append(dict(id=d.id, image=image, grid=list(d.grid), target=d.target, objects=objects))
     scanpaths = []

@@ -53,11 +53,9 @@ def run_demo(data: str = "auto", out: str | Path = "runs/demo", bench_iters: int
     cfg = apply_overrides(Config(), load_recipe(f"demo_{data}"), origin=f"recipe demo_{data}")
     cfg.log.out = str(out)
     cfg.checkpoint.resume = ""
+    cfg.checkpoint.overwrite = True  # a fresh run each time: the demo never resumes an older one
     checkpoints = Path(out) / "checkpoints"
-    for old in checkpoints.glob("ckpt_*.pt") if checkpoints.is_dir() else []:
-        old.unlink()  # a fresh run each time: the demo never resumes an older one
-    for old in ("metrics.csv", "steps.csv", "results.csv"):
-        (Path(out) / old).unlink(missing_ok=True)
+    (Path(out) / "results.csv").unlink(missing_ok=True)  # zoo validate appends to it
 
     metrics = train(cfg)
     acc, target = metrics["val_acc1"], TARGETS[data]

@@ -1,23 +1,34 @@
-"""Atomic checkpoints, keep-last-N plus best, and exact resume (RNG states included).
+"""Atomic checkpoints, keep-last-N plus best, exact resume (RNG states included), safe loading, run folders.
 
 Public API (stable; the MIL, probing and scanpath entry points import it):
 
 * ``atomic_save(obj, path)``: ``torch.save`` to a temporary file in the same folder, ``fsync``, then
   ``os.replace``: a reader never sees a half-written file, even after ``kill -9``.
+* ``load_checkpoint_file(path)``: the one loader of every checkpoint a user names or a run folder holds:
+  ``weights_only=True`` (no file runs code); a file that needs pickle is refused naming the file.
 * ``CheckpointManager(directory, keep_last=3, mode="max", prefix="ckpt")``:
 
   - ``save(state, step, metric=None) -> Path``: writes ``{prefix}_{step:08d}.pt``, keeps the newest
-    ``keep_last`` step files, and copies the best one (by ``metric``, ``mode`` max/min) to
-    ``{prefix}_best.pt``. Only rank 0 should call it (the caller decides; see ``zoo.train.distributed``).
+    ``keep_last`` step files up to ``step`` (never a newer one, never the file just written), and copies the
+    best one (by ``metric``, ``mode`` max/min) to ``{prefix}_best.pt`` (its step and metric also in
+    ``{prefix}_best.json``, so a restart does not load the whole file to read one number). Only rank 0
+    should call it (the caller decides; see ``zoo.train.distributed``).
   - ``load_latest(map_location="cpu") -> dict | None``: the newest checkpoint that loads; a corrupt or
-    truncated newest file is skipped with a warning naming it, and the previous one is returned.
+    truncated newest file is skipped with a warning naming it, and the previous one is returned. A file
+    that needs pickle is never skipped silently: it is an error.
   - ``resolve_resume(resume, map_location="cpu") -> dict | None``: ``--resume`` semantics: ``""`` or
     ``None`` starts fresh, ``"auto"`` = ``load_latest`` (fresh start if there is none), anything else is a
     path that must load (an error names it otherwise).
-  - ``latest_path()`` / ``best_path`` / ``list_checkpoints()``.
+  - ``latest_path()`` / ``best_path`` / ``list_checkpoints()`` / ``run_files()``.
+  - Temporary files left by an interrupted save are removed when the manager is created.
 
+* ``prepare_run_folder(out_dir, manager, resume, overwrite, logs)``: a fresh run never mixes with the run a
+  folder already holds: it refuses (naming ``--resume auto`` and ``--overwrite``) or, with ``overwrite``,
+  removes that run's checkpoints and logs first. ``--resume FILE`` must not go back behind newer checkpoints
+  of the folder.
 * ``capture_rng_state() -> dict`` / ``restore_rng_state(state)``: Python ``random``, NumPy, torch CPU and
   (when present) every CUDA device, so a resumed run draws the same random numbers as an uninterrupted one.
+  Stored as tensors and plain Python values: loadable with ``weights_only=True``.
 
 A checkpoint is a plain dict; the training loop stores ``model``, ``optimizer``, ``scheduler``, ``ema``,
 ``scaler``, ``sampler`` (epoch and position), ``rng``, ``step``, ``epoch``, ``config`` in it.
@@ -25,45 +36,63 @@ A checkpoint is a plain dict; the training loop stores ``model``, ``optimizer``,
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointManager", "atomic_save", "capture_rng_state", "restore_rng_state"]
+from .._io import CorruptFileError, UnsafeFileError, atomic_write, clean_temporaries, safe_load
+
+__all__ = [
+    "CheckpointManager",
+    "CorruptFileError",
+    "RunFolderError",
+    "UnsafeFileError",
+    "atomic_save",
+    "capture_rng_state",
+    "check_out_dir",
+    "load_checkpoint_file",
+    "prepare_run_folder",
+    "restore_rng_state",
+]
+
+
+class RunFolderError(ValueError):
+    """A run folder that holds another run (or newer checkpoints than the one to resume)."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # same folder: os.replace is only atomic within one filesystem
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """A checkpoint file's content, loaded with ``weights_only=True`` (see ``zoo._io.safe_load``)."""
+    return safe_load(path, map_location=map_location, what="checkpoint")
 
 
 def capture_rng_state() -> dict[str, Any]:
     """Every RNG a training step may draw from: ``random``, NumPy, torch CPU and CUDA (per device)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of ints, float | None): plain data
+        "numpy": dict(
+            name=str(name),
+            keys=torch.from_numpy(keys.astype(np.int64)),
+            pos=int(pos),
+            has_gauss=int(has_gauss),
+            cached_gaussian=float(cached),
+        ),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -74,7 +103,17 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of ``capture_rng_state``; a CUDA state is restored only when CUDA is present."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        keys = np.asarray(numpy_state["keys"], dtype=np.int64).astype(np.uint32)
+        numpy_state = (
+            numpy_state["name"],
+            keys,
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    np.random.set_state(numpy_state)  # a tuple: checkpoints written before the plain-data format
     torch.set_rng_state(state["torch"].cpu() if isinstance(state["torch"], torch.Tensor) else state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -100,17 +139,48 @@ class CheckpointManager:
         self.mode = mode
         self.prefix = prefix
         self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)\.pt$")
-        self.best_metric: float | None = None
-        best = self.best_path
-        if best.exists():  # a resumed run keeps comparing against the best so far
-            try:
-                self.best_metric = torch.load(best, map_location="cpu", weights_only=False).get("metric")
-            except Exception:  # noqa: BLE001 - a corrupt best file is simply replaced by the next best
-                self.best_metric = None
+        clean_temporaries(self.directory)  # what an interrupted save left behind
+        self._best_metric: float | None = None
+        self._best_known = False
+        if self.best_path.is_file() and not self._best_record.is_file():
+            _ = self.best_metric  # a folder without the record: read (safely) now, so a bad file fails up front
 
     @property
     def best_path(self) -> Path:
         return self.directory / f"{self.prefix}_best.pt"
+
+    @property
+    def _best_record(self) -> Path:
+        return self.directory / f"{self.prefix}_best.json"
+
+    @property
+    def best_metric(self) -> float | None:
+        """The best metric so far (a resumed run keeps comparing against it); read from the folder once."""
+        if not self._best_known:
+            self._best_metric = self._read_best_metric()
+            self._best_known = True
+        return self._best_metric
+
+    @best_metric.setter
+    def best_metric(self, value: float | None) -> None:
+        self._best_metric, self._best_known = value, True
+
+    def _read_best_metric(self) -> float | None:
+        try:
+            return json.loads(self._best_record.read_text())["metric"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if not self.best_path.is_file():
+            return None
+        try:  # a folder written before the .json record: the metric is inside the file
+            state = load_checkpoint_file(self.best_path)
+        except CorruptFileError:
+            return None  # simply replaced by the next best
+        return state.get("metric") if isinstance(state, dict) else None
+
+    @staticmethod
+    def _step_of(path: Path) -> int:
+        return int(path.stem.rsplit("_", 1)[1])
 
     def list_checkpoints(self) -> list[Path]:
         """Step checkpoints, oldest first."""
@@ -123,6 +193,16 @@ class CheckpointManager:
         paths = self.list_checkpoints()
         return paths[-1] if paths else None
 
+    def run_files(self) -> list[Path]:
+        """Every checkpoint file of this manager in its folder (step files, best file and its record)."""
+        return self.list_checkpoints() + [p for p in (self.best_path, self._best_record) if p.is_file()]
+
+    def remove_all(self) -> None:
+        """Delete this manager's checkpoints (``--overwrite``); other files in the folder are left alone."""
+        for path in self.run_files():
+            path.unlink(missing_ok=True)
+        self.best_metric = None
+
     def _is_better(self, metric: float) -> bool:
         if self.best_metric is None:
             return True
@@ -134,27 +214,29 @@ class CheckpointManager:
         path = atomic_save(state, self.directory / f"{self.prefix}_{step:08d}.pt")
         if metric is not None and self._is_better(metric):
             self.best_metric = metric
-            # copy through a temp file too, so the best file is never half-written
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.best_path.name}.", suffix=".tmp", dir=self.directory)
-            os.close(fd)
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, self.best_path)
+            with atomic_write(self.best_path) as tmp:  # never half-written either
+                shutil.copyfile(path, tmp)
+            with atomic_write(self._best_record) as tmp:
+                tmp.write_text(json.dumps(dict(step=step, metric=metric)))
         if self.keep_last:
-            for old in self.list_checkpoints()[: -self.keep_last]:
+            # only files up to this step: never the one just written, never a newer one (another run's)
+            older = [p for p in self.list_checkpoints() if self._step_of(p) < step]
+            for old in older[: max(0, len(older) - (self.keep_last - 1))]:
                 old.unlink(missing_ok=True)
         return path
 
     def load_latest(self, map_location: Any = "cpu") -> dict[str, Any] | None:
-        """The newest step checkpoint that loads; corrupt/truncated newer files are skipped with a warning."""
+        """The newest step checkpoint that loads; corrupt/truncated newer files are skipped with a warning.
+
+        Raises:
+            UnsafeFileError: a checkpoint in the folder needs pickle (planted or foreign): never skipped.
+        """
         for path in reversed(self.list_checkpoints()):
             try:
-                state = torch.load(path, map_location=map_location, weights_only=False)
-            except Exception as err:  # noqa: BLE001 - any load failure means "this file is unusable"
-                warnings.warn(
-                    f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err}); "
-                    "falling back to the previous one",
-                    stacklevel=2,
-                )
+                state = load_checkpoint_file(path, map_location=map_location)
+            except CorruptFileError as err:
+                warnings.warn(f"checkpoint {path} is corrupt or truncated ({err}); falling back to the previous one",
+                              stacklevel=2)  # fmt: skip
                 continue
             if not isinstance(state, dict) or "step" not in state:
                 warnings.warn(f"checkpoint {path} has no 'step' entry; skipping it", stacklevel=2)
@@ -174,6 +256,102 @@ class CheckpointManager:
             raise FileNotFoundError(
                 f"--resume {resume}: no such file; pass 'auto' to use the newest in {self.directory}"
             )
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = load_checkpoint_file(path, map_location=map_location)
+        if not isinstance(state, dict) or "step" not in state or "model" not in state:
+            raise CorruptFileError(
+                f"--resume {resume} is not a zoo training checkpoint (no 'step' and 'model' entries); to start "
+                "from its weights only, pass it as the model's checkpoint_path instead"
+            )
         state["path"] = str(path)
         return state
+
+
+def _is_relative_to(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def check_out_dir(out_dir: str | os.PathLike, flag: str = "--out") -> Path:
+    """``out_dir`` as a Path, after checking that no part of it is an existing file."""
+    out = Path(out_dir)
+    for part in (out, *out.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise RunFolderError(f"{flag} {out_dir}: {part} is a file, not a folder; pick another {flag}")
+            break
+    return out
+
+
+def prepare_run_folder(
+    out_dir: str | os.PathLike,
+    manager: CheckpointManager,
+    resume: str | None,
+    overwrite: bool = False,
+    logs: Sequence[str] = ("metrics.csv",),
+    remove: bool = True,
+) -> None:
+    """Make sure a run starting in ``out_dir`` cannot mix with (or delete) the run the folder holds.
+
+    * fresh start (``resume`` empty): a folder holding checkpoints or logs of another run is refused, with the
+      choices named; with ``overwrite`` those checkpoints and logs are deleted first (nothing else is);
+    * ``resume='auto'``: continues the folder's run (the caller drops log rows past the resumed step);
+    * ``resume=FILE``: refused when the folder holds checkpoints newer than FILE (they would be mixed).
+
+    Args:
+        out_dir: the run folder.
+        manager: the run's checkpoint manager (its folder may be outside ``out_dir``).
+        resume: ``''``, ``'auto'`` or a checkpoint path.
+        overwrite: start over: delete the previous run's checkpoints and ``logs``.
+        logs: file or folder names under ``out_dir`` that belong to a run (metrics, curves, results).
+        remove: whether this process deletes (rank 0); other ranks only check.
+
+    Raises:
+        RunFolderError: the folder holds another run and ``overwrite`` is off; ``overwrite`` with a resume.
+    """
+    out = check_out_dir(out_dir)
+    ckpts = manager.run_files()
+    found_logs = [out / name for name in logs if (out / name).exists()]
+    if overwrite and resume:
+        raise RunFolderError(f"--overwrite starts over and --resume {resume} continues a run: pass one of them")
+    if not resume:
+        if not ckpts and not found_logs:
+            return
+        if not overwrite:
+            latest = manager.latest_path()
+            held = [
+                f"checkpoints up to step {manager._step_of(latest)}" if latest else "",
+                *(p.name for p in found_logs),
+            ]
+            raise RunFolderError(
+                f"{out} already holds a run ({', '.join(h for h in held if h)}); pass --resume auto to continue "
+                "it, --overwrite to start over (its checkpoints and logs are deleted), or another --out"
+            )
+        if remove:
+            manager.remove_all()
+            for path in found_logs:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return
+    if resume != "auto":
+        path = Path(resume)
+        latest = manager.latest_path()
+        if latest is not None and path.is_file() and latest.resolve() != path.resolve():
+            inside = _is_relative_to(path, manager.directory)
+            newer = [p for p in manager.list_checkpoints() if not inside or manager._step_of(p) > _step_or(path)]
+            if newer:
+                raise RunFolderError(
+                    f"--resume {resume}: {manager.directory} holds "
+                    + (
+                        f"newer checkpoints of its run (up to {latest.name})"
+                        if inside
+                        else f"another run ({latest.name})"
+                    )
+                    + "; resuming there would mix two runs: copy the file and resume into another --out"
+                )
+
+
+def _step_or(path: Path, default: int = -1) -> int:
+    match = re.search(r"_(\d+)\.pt$", path.name)
+    return int(match.group(1)) if match else default

@@ -1,11 +1,11 @@
 """``zoo finetune --task cxr``: fine-tune a classifier on chest X-rays listed in a CSV; per-class report.
 
-Data: a CSV with a path column (DICOM, PNG or JPEG; relative paths are resolved against ``--root``, by
-default the CSV's folder) and a label column. One label per row trains a **multi-class** (softmax,
-cross-entropy) model; labels joined by ``|`` (ChestX-ray14 style ``Effusion|Mass``) or ``--multi-label``
-train a **multi-label** (sigmoid, binary cross-entropy) model, where ``--negative-label "No Finding"``
-means "none of the classes". The class list is ``--classes`` (a label outside it is an error naming the
-rows) or the sorted labels of the CSV.
+Data: a CSV with a path column (DICOM, PNG or JPEG; paths relative to ``--root``, by default the CSV's
+folder; absolute paths and ``..`` are refused with the row, so a CSV handed in cannot reach other folders) and
+a label column. One label per row trains a **multi-class** (softmax, cross-entropy) model; labels joined by
+``|`` (ChestX-ray14 style ``Effusion|Mass``) or ``--multi-label`` train a **multi-label** (sigmoid, binary
+cross-entropy) model, where ``--negative-label "No Finding"`` means "none of the classes". The class list is
+``--classes`` (a label outside it is an error naming the rows) or the sorted labels of the CSV.
 
 Images are read by ``zoo.data.cxr`` (DICOM with modality / VOI LUT and MONOCHROME1 inversion, 8/16-bit
 PNG, JPEG; colour to luminance), resized to ``--img-size`` (480 by default: the COVID-Net / MEDUSA main
@@ -50,9 +50,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .._cli_errors import non_negative_int, parse_json_mapping, positive_int
+from .._io import atomic_write_text, confined_path, load_state_dict_checked
+from .checkpoint import (
+    CheckpointManager,
+    capture_rng_state,
+    load_checkpoint_file,
+    prepare_run_folder,
+    restore_rng_state,
+)
 from .data import Corrupt, DataError, SeededSample
-from .metrics import MetricLogger, Progress
+from .metrics import MetricLogger, Progress, rewind_csv
 from .mil import _binary_auc, split_slides
 
 __all__ = [
@@ -115,7 +123,15 @@ class FinetuneConfig:
     resume: str = ""
     strict: bool = False
     keep_last: int = 2
+    overwrite: bool = False  # start over in a folder that holds another run (its checkpoints and logs go)
     progress: bool = True
+
+
+# what --overwrite removes besides the checkpoints
+RUN_LOGS = ("metrics.csv", "splits.json", "result.json", "bad_inputs.csv") + tuple(
+    f"{split}_{kind}" for split in ("val", "test") for kind in ("metrics.csv", "metrics.json", "confusion.csv",
+                                                                "predictions.csv")
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,10 +191,11 @@ def read_label_csv(cfg: FinetuneConfig) -> tuple[list[CxrRecord], list[str], boo
                     f"{csv_path} line {line}: {cfg.negative_label!r} together with {labels}; it means 'none'"
                 )
             labels = ()
-        path = Path((row[cfg.path_col] or "").strip())
+        # a CSV handed in may not reach outside its image folder (absolute paths and '..' are refused)
+        path = confined_path(root, row[cfg.path_col], "image path", f"{csv_path} line {line}")
         records.append(
             CxrRecord(
-                path=path if path.is_absolute() else root / path,
+                path=path,
                 labels=labels,
                 patient=(row.get(cfg.patient_col) or "").strip() if has_patient else "",
                 split=(row.get(cfg.split_col) or "").strip().lower(),
@@ -604,6 +621,12 @@ def finetune_cxr(cfg: FinetuneConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
     device = torch.device(cfg.device)
+    ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=cfg.keep_last, mode="max")
+    prepare_run_folder(out_dir, ckpt, cfg.resume, cfg.overwrite, RUN_LOGS)
+    state = ckpt.resolve_resume(cfg.resume)
+    if state is not None and state["epoch"] + 1 >= cfg.epochs and (out_dir / "result.json").is_file():
+        print(f"run in {out_dir} already finished (epoch {state['epoch']}): nothing to do")
+        return json.loads((out_dir / "result.json").read_text())
 
     records, classes, multi = read_label_csv(cfg)
     good, bad_inputs = check_records(records, cfg.strict)
@@ -634,22 +657,21 @@ def finetune_cxr(cfg: FinetuneConfig) -> dict[str, Any]:
     total_steps = cfg.epochs * len(train_loader)
     scheduler = _scheduler(optimizer, cfg, total_steps)
 
-    ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=cfg.keep_last, mode="max")
-    state = ckpt.resolve_resume(cfg.resume)
     start_epoch = 0
     skipped: dict[str, str] = {}  # images that failed to decode: path -> reason
     if state is not None:
         if state.get("classes") != classes:
             raise DataError(f"checkpoint {state.get('path')} has classes {state.get('classes')}, the CSV {classes}")
-        model.load_state_dict(state["model"])
+        load_state_dict_checked(model, state["model"], f"checkpoint {state['path']}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
         skipped = dict(state.get("skipped", {}))
         start_epoch = state["epoch"] + 1
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:  # rows logged after the resumed checkpoint are logged again
+        rewind_csv(out_dir / "metrics.csv", start_epoch * len(train_loader))
     splits_json = {s: [str(good[i].path) for i in idx] for s, idx in split_idx.items()}
-    (out_dir / "splits.json").write_text(json.dumps(splits_json, indent=1))
+    atomic_write_text(out_dir / "splits.json", json.dumps(splits_json, indent=1))
     logger = MetricLogger(out_dir, config=asdict(cfg))
     val_loader, _ = _loader(eval_set, split_idx["val"], cfg, shuffle=False)
 
@@ -688,8 +710,8 @@ def finetune_cxr(cfg: FinetuneConfig) -> dict[str, Any]:
 
     if not ckpt.best_path.exists():
         raise RuntimeError(f"no checkpoint in {ckpt.directory}: nothing was trained (epochs={cfg.epochs})")
-    best = torch.load(ckpt.best_path, map_location=device, weights_only=False)
-    model.load_state_dict(best["model"])
+    best = load_checkpoint_file(ckpt.best_path, map_location=device)
+    load_state_dict_checked(model, best["model"], f"checkpoint {ckpt.best_path}")
     result: dict[str, Any] = dict(
         best_epoch=best["epoch"], classes=classes, multi_label=multi, n={s: len(v) for s, v in split_idx.items()}
     )
@@ -712,7 +734,7 @@ def finetune_cxr(cfg: FinetuneConfig) -> dict[str, Any]:
             writer = csv.DictWriter(f, fieldnames=["line", "path", "reason"])
             writer.writeheader()
             writer.writerows(bad_inputs)
-    (out_dir / "result.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    atomic_write_text(out_dir / "result.json", json.dumps(result, indent=1, default=_json_default))
     return result
 
 
@@ -748,7 +770,7 @@ def _print_report(result: dict[str, Any]) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(
         task=args.task, data=args.data, root=args.root, out=args.out, model=args.model,
-        model_kwargs=json.loads(args.model_kwargs), pretrained=args.pretrained,
+        model_kwargs=parse_json_mapping(args.model_kwargs, "--model-kwargs"), pretrained=args.pretrained,
         classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else (),
         multi_label=args.multi_label, label_sep=args.label_sep, negative_label=args.negative_label,
         path_col=args.path_col, label_col=args.label_col, split_col=args.split_col, patient_col=args.patient_col,
@@ -757,6 +779,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, opt=args.opt, sched=args.sched,
         class_weights=args.class_weights, threshold=args.threshold, workers=args.workers,
         cache_images=args.cache_images, seed=args.seed, device=args.device, resume=args.resume, strict=args.strict,
+        overwrite=args.overwrite,
     )  # fmt: skip
     result = finetune_cxr(cfg)
     _print_report(result)
@@ -787,26 +810,27 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--patient-col", default=d.patient_col, help="CSV column keeping a patient's images in one split")
     p.add_argument("--val-frac", type=float, default=d.val_frac, help="validation fraction (no split column)")
     p.add_argument("--test-frac", type=float, default=d.test_frac, help="test fraction (no split column)")
-    p.add_argument("--img-size", type=int, default=d.img_size, help="input side (COVID-Net / MEDUSA: 480)")
+    p.add_argument("--img-size", type=positive_int, default=d.img_size, help="input side (COVID-Net / MEDUSA: 480)")
     p.add_argument("--in-chans", type=int, default=d.in_chans, choices=[1, 3], help="gray repeated to 3 or kept 1")
     p.add_argument(
         "--normalize", default=d.normalize, choices=["standardize", "unit"], help="per-image z-score or [0,1]"
     )
     p.add_argument("--no-augment", action="store_true", help="no rotation / shift / zoom / flip / brightness")
     p.add_argument("--no-hflip", action="store_true", help="augment without horizontal flips")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (CXR-3: 8)")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="batch size (CXR-3: 8)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (CXR-3: Adam 2e-4)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     p.add_argument("--opt", default=d.opt, choices=["adam", "adamw"], help="optimizer")
     p.add_argument("--sched", default=d.sched, choices=["none", "cosine"], help="constant lr or per-step cosine to 0")
     p.add_argument("--class-weights", default=d.class_weights, choices=["none", "balanced"], help="loss weighting")
     p.add_argument("--threshold", type=float, default=d.threshold, help="multi-label decision threshold")
-    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
+    p.add_argument("--workers", type=non_negative_int, default=d.workers, help="data-loading processes")
     p.add_argument("--cache-images", action="store_true", help="keep resized images in memory (small data sets)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and of training")
     p.add_argument("--device", default=d.device, help="torch device")
     p.add_argument("--resume", default=d.resume, help="'' fresh, 'auto' latest checkpoint, or a path")
     p.add_argument("--strict", action="store_true", help="stop at the first missing / unreadable image")
+    p.add_argument("--overwrite", action="store_true", help="start over in a folder holding another run (deletes it)")
     p.set_defaults(func=_cmd_finetune)
     return p

@@ -9,6 +9,7 @@ transforms are timm's; mixed precision is ``torch.amp``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import time
 from dataclasses import dataclass
@@ -26,11 +27,12 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 
 import zoo
 
+from .._io import atomic_write_text, load_state_dict_checked
 from . import data as data_lib
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .checkpoint import CheckpointManager, capture_rng_state, check_out_dir, prepare_run_folder, restore_rng_state
 from .config import Config, dump_config
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, rank0_print, seed_everything
-from .metrics import CSVWriter, MetricLogger, Progress, plot_curves
+from .metrics import CSVWriter, MetricLogger, Progress, plot_curves, rewind_csv
 
 
 class ConfigError(ValueError):
@@ -51,6 +53,9 @@ def check_model_name(name: str) -> None:
 def preflight(cfg: Config, world_size: int) -> None:
     """Every check that can fail fast, before data loading or model construction."""
     check_model_name(cfg.model.name)
+    check_out_dir(cfg.log.out)
+    if cfg.checkpoint.dir:
+        check_out_dir(cfg.checkpoint.dir, "--checkpoint.dir")
     data_lib.check_source(cfg)
     per_step = world_size * cfg.loop.grad_accum
     if cfg.loop.batch_size % per_step:
@@ -127,6 +132,18 @@ class TrainState:
     train_time: float = 0.0
 
 
+@dataclass
+class EpochTotals:
+    """Sums over the optimizer steps of the current epoch, checkpointed so a resumed epoch logs the same loss."""
+
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    skipped: int = 0
+
+
+RUN_LOGS = ("metrics.csv", "steps.csv", "curves.png", "tb", "wandb")  # what --overwrite removes besides checkpoints
+
+
 class Trainer:
     """One training run; ``run()`` trains, evaluates, checkpoints and returns the final metrics."""
 
@@ -135,6 +152,25 @@ class Trainer:
         self.device = dist_info.device
         self.out = Path(cfg.log.out)
         preflight(cfg, dist_info.world_size)  # fail before any work
+
+        # the run folder: a fresh run never mixes with (or prunes) the run a folder already holds
+        self.ckpt = CheckpointManager(
+            cfg.checkpoint.dir or self.out / "checkpoints", keep_last=cfg.checkpoint.keep_last
+        )
+        prepare_run_folder(
+            self.out, self.ckpt, cfg.checkpoint.resume, cfg.checkpoint.overwrite, RUN_LOGS, remove=dist_info.is_main
+        )
+        barrier()  # rank 0 has removed an overwritten run before any rank goes on
+        resumed = self.ckpt.resolve_resume(cfg.checkpoint.resume)
+        self.finished_metrics: dict[str, float] | None = None
+        if resumed is not None and self._is_finished(resumed):
+            # --resume auto on a finished run: no step, nothing written
+            self.finished_metrics = dict(resumed.get("metrics") or {})
+            rank0_print(
+                f"run in {self.out} already finished at step {resumed['step']} (epoch {resumed.get('epoch')}): "
+                f"nothing to do; raise --epochs (or --loop.max_steps / --loop.time_limit) to train on"
+            )
+            return
 
         if cfg.loop.threads:
             torch.set_num_threads(cfg.loop.threads)
@@ -209,13 +245,15 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.loop.amp == "fp16")
 
-        self.ckpt = CheckpointManager(
-            cfg.checkpoint.dir or self.out / "checkpoints", keep_last=cfg.checkpoint.keep_last
-        )
         self.state = TrainState()
-        resumed = self.ckpt.resolve_resume(cfg.checkpoint.resume)
+        self.epoch_totals = EpochTotals()
+        self.last_metrics: dict[str, float] = {}
         if resumed is not None:
             self._load(resumed)
+        if dist_info.is_main and cfg.checkpoint.resume:
+            # rows logged after the resumed checkpoint (killed between a log and its save) are logged again
+            for name in ("metrics.csv", "steps.csv"):
+                rewind_csv(self.out / name, self.state.step)
 
         # DDP wraps after loading: checkpoints hold plain (unwrapped) weights
         self.train_model: nn.Module = self.model
@@ -236,8 +274,7 @@ class Trainer:
         )
         self.step_csv = CSVWriter(self.out / "steps.csv") if dist_info.is_main and cfg.log.step_every else None
         if dist_info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(cfg))
+            atomic_write_text(self.out / "config.yaml", dump_config(cfg))
         if resumed is None:  # per-rank streams (drop path, mixup); a resumed run restored its own instead
             seed_everything(cfg.loop.seed, dist_info.rank)
 
@@ -257,6 +294,8 @@ class Trainer:
             ema=self.ema.state_dict() if self.ema is not None else None,
             scaler=self.scaler.state_dict(),
             sampler=dict(epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch),
+            epoch_totals=dataclasses.asdict(self.epoch_totals),
+            metrics=self.last_metrics,
             rng=gather_rng_states(),
             epoch=self.state.epoch,
             train_time=self.state.train_time,
@@ -269,6 +308,12 @@ class Trainer:
         )
 
     def _load(self, state: dict[str, Any]) -> None:
+        trained = state.get("model_name")
+        if trained and trained != self.cfg.model.name:
+            raise ConfigError(
+                f"checkpoint {state['path']} is a run of {trained}, not {self.cfg.model.name}; resume with "
+                f"--model {trained}, or start a new run in another --out"
+            )
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -280,7 +325,7 @@ class Trainer:
                 options=StateDictOptions(full_state_dict=True),
             )
         else:
-            self.model.load_state_dict(state["model"])
+            load_state_dict_checked(self.model, state["model"], f"checkpoint {state['path']}")
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state.get("ema") is not None:
@@ -293,6 +338,9 @@ class Trainer:
             batch_in_epoch=state["sampler"]["batch_in_epoch"],
             train_time=state.get("train_time", 0.0),
         )
+        if self.state.batch_in_epoch and state.get("epoch_totals"):
+            self.epoch_totals = EpochTotals(**state["epoch_totals"])
+        self.last_metrics = dict(state.get("metrics") or {})
         # RNG: each rank restores its own stream; a changed world size reseeds (no longer bitwise)
         rng = state["rng"]
         if isinstance(rng, list) and len(rng) == self.dist.world_size:
@@ -300,6 +348,16 @@ class Trainer:
         else:
             seed_everything(self.cfg.loop.seed + state["step"], self.dist.rank)
         rank0_print(f"resumed from {state['path']} at step {self.state.step} (epoch {self.state.epoch})")
+
+    def _is_finished(self, state: dict[str, Any]) -> bool:
+        """Whether a checkpoint's run has nothing left to do under this config (epochs, steps, time)."""
+        loop = self.cfg.loop
+        epoch = state.get("sampler", {}).get("epoch", state.get("epoch", 0))
+        return bool(
+            epoch >= self.cfg.schedule.epochs
+            or (loop.max_steps and state["step"] >= loop.max_steps)
+            or (loop.time_limit and state.get("train_time", 0.0) >= loop.time_limit)
+        )
 
     def save(self, metric: float | None = None) -> None:
         state = self._state_dict()  # collective under FSDP: every rank calls it
@@ -322,7 +380,8 @@ class Trainer:
         )
         if st.batch_in_epoch:
             progress.update(st.batch_in_epoch)
-        loss_sum, loss_count, skipped_total, data_time = 0.0, 0, 0, 0.0
+        totals = self.epoch_totals  # carried over when resumed inside this epoch
+        data_time = 0.0
         step_start = time.perf_counter()
         batches = iter(self.train_loader)
         while st.batch_in_epoch < total_steps:
@@ -335,7 +394,7 @@ class Trainer:
                 data_time += time.perf_counter() - t0
                 for path in skipped:
                     print(f"warning: skipped unreadable image {path}", flush=True)
-                skipped_total += len(skipped)
+                totals.skipped += len(skipped)
                 images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
                 if self.mixup is not None and len(images) % 2:
                     images, targets = images[:-1], targets[:-1]  # timm's Mixup needs an even batch
@@ -377,8 +436,8 @@ class Trainer:
                 self.ema.update(self.model, step=st.step)
 
             loss_value = global_loss.item()
-            loss_sum += loss_value
-            loss_count += 1
+            totals.loss_sum += loss_value
+            totals.loss_count += 1
             now = time.perf_counter()
             st.train_time += now - step_start
             img_s = n_images * self.dist.world_size / max(now - step_start, 1e-9)
@@ -394,11 +453,14 @@ class Trainer:
             if self._should_stop():
                 break
         progress.close()
-        return dict(
-            train_loss=loss_sum / max(1, loss_count),
-            skipped_images=float(all_reduce_sum(torch.tensor(float(skipped_total))).item()),
+        result = dict(
+            train_loss=totals.loss_sum / max(1, totals.loss_count),
+            skipped_images=float(all_reduce_sum(torch.tensor(float(totals.skipped))).item()),
             data_time_frac=data_time / max(time.perf_counter() - progress.start, 1e-9),
         )
+        if st.batch_in_epoch >= total_steps:
+            self.epoch_totals = EpochTotals()  # the next epoch sums from zero
+        return result
 
     def _should_stop(self) -> bool:
         cfg = self.cfg.loop
@@ -452,6 +514,8 @@ class Trainer:
         )
 
     def run(self) -> dict[str, float]:
+        if self.finished_metrics is not None:
+            return self.finished_metrics
         cfg, st = self.cfg, self.state
         rank0_print(
             f"training {cfg.model.name} on {cfg.data.source}: {len(self.data.train)} images, "
@@ -474,6 +538,7 @@ class Trainer:
                 metrics.update(train_metrics, **self.evaluate(), lr=self.optimizer.param_groups[0]["lr"])
                 metrics["train_time_s"] = st.train_time
                 self.logger.log(metrics, step=st.step)
+                self.last_metrics = {k: float(v) for k, v in metrics.items()}
                 rank0_print(
                     f"epoch {metrics['epoch']:.2f} step {st.step}: train loss {metrics['train_loss']:.4f}, val loss "
                     f"{metrics['val_loss']:.4f}, top-1 {metrics['val_acc1']:.2f}%, top-5 {metrics['val_acc5']:.2f}%, "

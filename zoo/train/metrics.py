@@ -11,6 +11,8 @@ Public API (stable; the MIL, probing and scanpath entry points import it):
   step)`` call fans a dict of scalars out to ``metrics.csv`` and, when listed in ``backends``, to
   TensorBoard (``tb/``) and wandb (``WANDB_MODE=offline`` unless the user set ``WANDB_MODE``). A
   backend whose package is missing is a clear error naming the pip extra. ``close()``.
+* ``rewind_csv(path, step) -> int``: drop the rows logged after ``step`` (a resumed run logs them again);
+  returns how many were dropped.
 * ``plot_curves(csv_path, png_path, x="epoch") -> Path``: loss and accuracy columns of a metrics CSV
   against ``x`` in one PNG (matplotlib, Agg backend).
 """
@@ -26,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CSVWriter", "MetricLogger", "Progress", "plot_curves"]
+__all__ = ["CSVWriter", "MetricLogger", "Progress", "plot_curves", "rewind_csv"]
 
 
 def _fmt(value: Any) -> str:
@@ -117,6 +119,37 @@ class CSVWriter:
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
+
+
+def rewind_csv(path: str | os.PathLike, step: int, column: str = "step") -> int:
+    """Drop the rows of a metrics CSV whose ``column`` exceeds ``step``; rewrite atomically; rows dropped.
+
+    A run killed after logging but before its checkpoint logs those rows again when resumed: without this,
+    the CSV would hold them twice (or, resumed from an older checkpoint, rows of a future that never was).
+    """
+    from .._io import atomic_write
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+
+    def keep(row: dict[str, str]) -> bool:
+        try:
+            return float(row[column]) <= step
+        except (KeyError, TypeError, ValueError):
+            return True  # no step number: not a row this rewind can place
+
+    kept = [r for r in rows if keep(r)] if column in fields else rows
+    if len(kept) == len(rows):
+        return 0
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    return len(rows) - len(kept)
 
 
 class MetricLogger:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._cli_errors import non_negative_int, parse_json_mapping, positive_int
+
 __all__ = ["MILConfig", "classification_metrics", "split_slides", "train_mil", "add_cli"]
 
 
@@ -51,7 +53,11 @@ class MILConfig:
     heatmaps: int = 4  # attention heatmaps of this many test slides
     device: str = "cpu"
     resume: str = ""
+    overwrite: bool = False  # start over in a folder that holds another run (its checkpoints and logs go)
     progress: bool = True
+
+
+RUN_LOGS = ("metrics.csv", "splits.json", "result.json", "test_predictions.csv", "attention", "heatmaps")
 
 
 def classification_metrics(probs: np.ndarray, target: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -137,15 +143,28 @@ def _evaluate(head: torch.nn.Module, dataset: Any, indices: list[int], device: t
 def train_mil(cfg: MILConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on the bags; return the test metrics at the best validation epoch and the splits."""
     import zoo
+    from zoo._io import atomic_write_text, load_state_dict_checked
     from zoo.data.wsi import BagDataset, attention_heatmap
-    from zoo.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-    from zoo.train.metrics import MetricLogger, Progress
+    from zoo.train.checkpoint import (
+        CheckpointManager,
+        capture_rng_state,
+        load_checkpoint_file,
+        prepare_run_folder,
+        restore_rng_state,
+    )
+    from zoo.train.metrics import MetricLogger, Progress, rewind_csv
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
     device = torch.device(cfg.device)
+    ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=1, mode="max")
+    prepare_run_folder(out_dir, ckpt, cfg.resume, cfg.overwrite, RUN_LOGS)
+    state = ckpt.resolve_resume(cfg.resume)
+    if state is not None and state["epoch"] + 1 >= cfg.epochs and (out_dir / "result.json").is_file():
+        print(f"run in {out_dir} already finished (epoch {state['epoch']}): nothing to do")
+        return json.loads((out_dir / "result.json").read_text())
     dataset = BagDataset(cfg.features, cfg.labels, slide_col=cfg.slide_col, label_col=cfg.label_col)
     if len(dataset) == 0:
         raise ValueError(f"no slide of {cfg.labels} has a feature file in {cfg.features}")
@@ -170,18 +189,17 @@ def train_mil(cfg: MILConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
-    ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=1, mode="max")
-    state = ckpt.resolve_resume(cfg.resume)
     start_epoch = 0
     if state is not None:
-        head.load_state_dict(state["model"])
+        load_state_dict_checked(head, state["model"], f"checkpoint {state['path']}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
+    if cfg.resume:  # rows logged after the resumed checkpoint are logged again
+        rewind_csv(out_dir / "metrics.csv", start_epoch * len(split_idx["train"]))
     logger = MetricLogger(out_dir, config=asdict(cfg))
-    (out_dir / "splits.json").parent.mkdir(parents=True, exist_ok=True)
-    (out_dir / "splits.json").write_text(json.dumps(splits, indent=1))
+    atomic_write_text(out_dir / "splits.json", json.dumps(splits, indent=1))
 
     for epoch in range(start_epoch, cfg.epochs):
         head.train()
@@ -217,8 +235,10 @@ def train_mil(cfg: MILConfig) -> dict[str, Any]:
         ckpt.save(state, step=epoch, metric=float(score))
     logger.close()
 
-    best = torch.load(ckpt.best_path, map_location=device, weights_only=False)
-    head.load_state_dict(best["model"])
+    if not ckpt.best_path.is_file():
+        raise RuntimeError(f"no checkpoint in {ckpt.directory}: nothing was trained (epochs={cfg.epochs})")
+    best = load_checkpoint_file(ckpt.best_path, map_location=device)
+    load_state_dict_checked(head, best["model"], f"checkpoint {ckpt.best_path}")
     result: dict[str, Any] = {"best_epoch": best["epoch"], "splits": splits, "classes": dataset.classes}
     for split in ("val", "test"):
         if split_idx[split]:
@@ -231,7 +251,7 @@ def train_mil(cfg: MILConfig) -> dict[str, Any]:
                     np.save(out_dir / "attention" / f"{sid}.npy", att)  # for `zoo wsi heatmap` later
                 for sid, att in list(zip(splits["test"], ev["attention"]))[: cfg.heatmaps]:
                     attention_heatmap(dataset.records[index[sid]]["path"], att, out_dir / "heatmaps" / f"{sid}.png")
-    (out_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    atomic_write_text(out_dir / "result.json", json.dumps(result, indent=1, default=str))
     return result
 
 
@@ -246,9 +266,10 @@ def _write_predictions(path: Path, ids: list[str], ev: dict[str, Any], classes: 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = MILConfig(
         features=args.features, labels=args.labels, out=args.out, model=args.model,
-        model_kwargs=json.loads(args.model_kwargs), epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        model_kwargs=parse_json_mapping(args.model_kwargs, "--model-kwargs"), epochs=args.epochs, lr=args.lr,
+        weight_decay=args.weight_decay,
         seed=args.seed, val_frac=args.val_frac, test_frac=args.test_frac, group_col=args.group_col,
-        heatmaps=args.heatmaps, device=args.device, resume=args.resume,
+        heatmaps=args.heatmaps, device=args.device, resume=args.resume, overwrite=args.overwrite,
     )  # fmt: skip
     result = train_mil(cfg)
     for split in ("val", "test"):
@@ -270,15 +291,18 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--out", default=d.out, help="run folder: checkpoints, metrics.csv, result.json, heatmaps")
     t.add_argument("--model", default=d.model, help="MIL head (zoo list --kind mil_head)")
     t.add_argument("--model-kwargs", default="{}", help="JSON kwargs, e.g. '{\"mask_drop\": 0.0}'")
-    t.add_argument("--epochs", type=int, default=d.epochs, help="epochs (ACMIL: 50)")
+    t.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs (ACMIL: 50)")
     t.add_argument("--lr", type=float, default=d.lr, help="AdamW lr, cosine-decayed per iteration")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     t.add_argument("--seed", type=int, default=d.seed, help="seed of the split and of training")
     t.add_argument("--val-frac", type=float, default=d.val_frac, help="validation fraction (no split column)")
     t.add_argument("--test-frac", type=float, default=d.test_frac, help="test fraction (no split column)")
     t.add_argument("--group-col", default=d.group_col, help="CSV column keeping a patient's slides together")
-    t.add_argument("--heatmaps", type=int, default=d.heatmaps, help="attention heatmaps of this many test slides")
+    t.add_argument(
+        "--heatmaps", type=non_negative_int, default=d.heatmaps, help="attention heatmaps of this many test slides"
+    )
     t.add_argument("--device", default=d.device, help="torch device")
     t.add_argument("--resume", default=d.resume, help="'' fresh, 'auto' latest checkpoint, or a path")
+    t.add_argument("--overwrite", action="store_true", help="start over in a folder holding another run (deletes it)")
     t.set_defaults(func=_cmd_train)
     return p

@@ -23,6 +23,7 @@ Data: ``digits`` (scikit-learn's embedded 8x8 digits, upsampled, 3 channels, fix
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -35,8 +36,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointManager, atomic_save, capture_rng_state, restore_rng_state
-from .metrics import CSVWriter, MetricLogger, Progress
+from .._cli_errors import non_negative_int, parse_json_mapping, positive_int
+from .._io import atomic_write, atomic_write_text, clean_temporaries, load_state_dict_checked, plain_name, safe_load
+from .checkpoint import (
+    CheckpointManager,
+    RunFolderError,
+    atomic_save,
+    capture_rng_state,
+    check_out_dir,
+    prepare_run_folder,
+    restore_rng_state,
+)
+from .metrics import MetricLogger, Progress, rewind_csv
 
 __all__ = [
     "ProbeConfig",
@@ -78,7 +89,12 @@ class ProbeConfig:
     warmup_epochs: int = 10
     seed: int = 0
     resume: str = ""
+    overwrite: bool = False  # start over in an --out that holds another run (its checkpoints and logs go)
     device: str = "cpu"
+
+
+PROBE_LOGS = ("metrics.csv",)  # per probe folder, besides its checkpoints
+RUN_LOGS = ("summary.csv", "config.json")  # in --out
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -163,18 +179,24 @@ class TokenCache:
         return self.root / "meta.json"
 
     def read_meta(self) -> dict[str, Any] | None:
+        """``meta.json`` (checked: a mapping whose split names are plain folder names), or None."""
         if not self.meta_path.is_file():
             return None
-        return json.loads(self.meta_path.read_text())
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TokenCacheMismatchError(f"{self.meta_path} is not valid JSON ({err}); delete {self.root}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict):
+            raise TokenCacheMismatchError(f"{self.meta_path} is not a token-cache meta file; delete {self.root}")
+        for split in meta["splits"]:  # split names become folder names: they may not leave the cache
+            plain_name(split, "split name", str(self.meta_path))
+        return meta
 
     def check_or_write_meta(self, meta: dict[str, Any]) -> None:
         """Write ``meta`` on first use; later, any difference in the identifying keys is an error."""
         old = self.read_meta()
         if old is None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.meta_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, self.meta_path)  # atomic: a reader sees no half-written meta
+            atomic_write_text(self.meta_path, json.dumps(meta, indent=2))  # a reader sees no half-written meta
             return
         keys = ("backbone", "feature_dim", "num_tokens", "img_size", "data", "chunk_size", "splits")
         diff = {k: (old.get(k), meta.get(k)) for k in keys if old.get(k) != meta.get(k)}
@@ -202,6 +224,7 @@ class TokenCache:
         chunk = meta["chunk_size"]
         for split, (images, labels) in data.items():
             written[split] = 0
+            clean_temporaries(self.root / split)  # what an interrupted chunk write left behind
             for index, start in enumerate(range(0, len(images), chunk)):
                 path = self.chunk_path(split, index)
                 if path.is_file():  # finished earlier: chunks are written atomically, so it is whole
@@ -232,7 +255,9 @@ class TokenCache:
                     f"token cache {self.root} is incomplete: {path} is missing (an interrupted run); rerun "
                     "`zoo probe` with the same --cache to finish it"
                 )
-            chunk = torch.load(path)
+            chunk = safe_load(path, what="token chunk")  # no file in a cache folder runs code
+            if not isinstance(chunk, dict) or not {"tokens", "labels"} <= set(chunk):
+                raise TokenCacheMismatchError(f"{path} is not a token chunk; the cache is corrupt, delete {self.root}")
             if chunk["tokens"].shape[-1] != meta["feature_dim"]:
                 raise TokenCacheMismatchError(
                     f"{path} holds {chunk['tokens'].shape[-1]}-dim tokens but meta.json says "
@@ -301,6 +326,7 @@ def train_probe(
     verbose: bool = True,
     device: str = "cpu",
     stop_epoch: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train ``probe`` on cached tokens; returns best/last top-1, parameters and throughput.
 
@@ -310,6 +336,7 @@ def train_probe(
         out_dir: checkpoints and ``metrics.csv`` go here (``None``: nothing is written).
         resume: ``''`` fresh, ``'auto'`` latest checkpoint in ``out_dir``, or a checkpoint path.
         stop_epoch: leave after this many epochs (a time-boxed job; resume with ``resume='auto'``).
+        overwrite: start over in an ``out_dir`` that holds another run (its checkpoints and metrics go).
     """
     torch.manual_seed(seed)
     probe.to(device)
@@ -323,11 +350,15 @@ def train_probe(
         optimizer, _warmup_cosine(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
     )
     manager = CheckpointManager(out_dir, keep_last=1, mode="max") if out_dir is not None else None
-    logger = MetricLogger(out_dir) if out_dir is not None else None
+    if manager is not None:
+        prepare_run_folder(out_dir, manager, resume, overwrite, PROBE_LOGS)
     start_epoch, best, history = 0, -1.0, []
     state = manager.resolve_resume(resume) if manager is not None and resume else None
+    if out_dir is not None and resume:  # rows logged after the resumed checkpoint are logged again
+        rewind_csv(Path(out_dir) / "metrics.csv", (state["epoch"] + 1) * steps_per_epoch if state else 0)
+    logger = MetricLogger(out_dir) if out_dir is not None else None
     if state is not None:
-        probe.load_state_dict(state["model"])
+        load_state_dict_checked(probe, state["model"], f"checkpoint {state['path']}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
@@ -384,6 +415,13 @@ def run_probe(cfg: ProbeConfig, verbose: bool = True) -> list[dict[str, Any]]:
     """The whole ``zoo probe`` run: build the backbone, fill the token cache, train each probe."""
     import zoo
 
+    out = Path(cfg.out)
+    _prepare_probe_run(out, cfg)
+    finished = _finished_summary(out, cfg)
+    if finished is not None:  # --resume auto on a finished run: no step, nothing written
+        if verbose:
+            print(f"probe run in {out} already finished: nothing to do (summary.csv holds its results)")
+        return finished
     torch.manual_seed(cfg.seed)
     data = load_image_data(cfg.data, cfg.img_size)
     backbone = zoo.create_model(cfg.backbone, pretrained=cfg.pretrained, num_classes=0, **cfg.backbone_kwargs)
@@ -406,9 +444,7 @@ def run_probe(cfg: ProbeConfig, verbose: bool = True) -> list[dict[str, Any]]:
     cache.build(backbone, meta, data, device=cfg.device)
     train, val = cache.load("train", cfg.backbone), cache.load("val", cfg.backbone)
     del backbone
-    out = Path(cfg.out)
-    summary = CSVWriter(out / "summary.csv")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in cfg.probes:
         kwargs = dict(embed_dim=meta["feature_dim"], num_classes=meta["num_classes"])
         kwargs.update(num_prefix_tokens=meta["num_prefix_tokens"], **cfg.probe_kwargs.get(name, {}))
@@ -425,16 +461,69 @@ def run_probe(cfg: ProbeConfig, verbose: bool = True) -> list[dict[str, Any]]:
         row = dict(
             probe=name, backbone=cfg.backbone, data=cfg.data, **{k: v for k, v in result.items() if k != "history"}
         )
-        summary.write(row)
         rows.append(row)
+        _write_summary(out / "summary.csv", rows)  # rewritten whole: a resumed run never appends twice
         if verbose:
             print(
                 f"{name:20s} best top-1 {row['best_top1']:6.2f}  last {row['last_top1']:6.2f}  "
                 f"trainable {row['trainable_params']:>10,}  pool {row['pool_params']:>10,}  "
                 f"{row['train_samples_per_s']:,.0f} samples/s"
             )
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
     return rows
+
+
+def _prepare_probe_run(out: Path, cfg: ProbeConfig) -> None:
+    """The run-folder rules of ``zoo.train.checkpoint.prepare_run_folder`` for ``--out`` and each probe folder."""
+    check_out_dir(out)
+    folders = sorted({out / name for name in cfg.probes} | {p for p in out.glob("*") if p.is_dir()})
+    managers = [(folder, CheckpointManager(folder, keep_last=1, mode="max")) for folder in folders]
+    if not cfg.resume:
+        held = [m for _, m in managers if m.run_files()] or [p for p in (out / n for n in RUN_LOGS) if p.is_file()]
+        if held and not cfg.overwrite:
+            raise RunFolderError(
+                f"{out} already holds a probe run; pass --resume auto to continue it, --overwrite to start over "
+                "(its checkpoints and logs are deleted), or another --out"
+            )
+        if held:
+            for folder, manager in managers:
+                prepare_run_folder(folder, manager, "", True, PROBE_LOGS)
+            for name in RUN_LOGS:
+                (out / name).unlink(missing_ok=True)
+    elif cfg.overwrite:
+        raise RunFolderError(f"--overwrite starts over and --resume {cfg.resume} continues a run: pass one of them")
+
+
+def _finished_summary(out: Path, cfg: ProbeConfig) -> list[dict[str, Any]] | None:
+    """The summary rows of a finished run resumed with ``auto`` (every probe at its last epoch), else None."""
+    if cfg.resume != "auto" or not (out / "summary.csv").is_file():
+        return None
+    for name in cfg.probes:
+        latest = CheckpointManager(out / name).latest_path()
+        if name == "linear_probe_cls" and latest is None:
+            continue  # skipped for backbones without [CLS]
+        if latest is None or int(latest.stem.rsplit("_", 1)[1]) + 1 < cfg.epochs:
+            return None
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: _number_or_text(v) for k, v in row.items()} for row in rows]
+
+
+def _number_or_text(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # ---------------------------------------------------------------------------------------------- cli
@@ -442,11 +531,13 @@ def run_probe(cfg: ProbeConfig, verbose: bool = True) -> list[dict[str, Any]]:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     cfg = ProbeConfig(
-        backbone=args.backbone, backbone_kwargs=json.loads(args.backbone_kwargs), pretrained=args.pretrained,
-        probes=tuple(args.probes), probe_kwargs=json.loads(args.probe_kwargs), data=args.data,
+        backbone=args.backbone, backbone_kwargs=parse_json_mapping(args.backbone_kwargs, "--backbone-kwargs"),
+        pretrained=args.pretrained, probes=tuple(args.probes),
+        probe_kwargs=parse_json_mapping(args.probe_kwargs, "--probe-kwargs"), data=args.data,
         img_size=args.img_size, cache=args.cache, out=args.out, chunk_size=args.chunk_size, epochs=args.epochs,
         batch_size=args.batch_size, opt=args.opt, blr=args.blr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, seed=args.seed, resume=args.resume, device=args.device,
+        overwrite=args.overwrite,
     )  # fmt: skip
     run_probe(cfg)
     return 0
@@ -464,18 +555,23 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--probe-kwargs", default="{}", help='JSON {probe: kwargs}, e.g. \'{"efficient_probe": {"num_queries": 16}}\''
     )
     p.add_argument("--data", default=d.data, help="'digits' (embedded) or 'folder:PATH' (PATH/train, PATH/val)")
-    p.add_argument("--img-size", type=int, default=d.img_size, help="input size of the backbone")
+    p.add_argument("--img-size", type=positive_int, default=d.img_size, help="input size of the backbone")
     p.add_argument("--cache", default=d.cache, help="token cache folder (resumable)")
     p.add_argument("--out", default=d.out, help="run folder: per-probe checkpoints, metrics.csv, summary.csv")
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per cache chunk file")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (paper: 90)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch (paper: 4096; capped at the train set)")
+    p.add_argument("--chunk-size", type=positive_int, default=d.chunk_size, help="images per cache chunk file")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="training epochs (paper: 90)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=d.batch_size, help="batch (paper: 4096; capped at the train set)"
+    )
     p.add_argument("--opt", default=d.opt, choices=["lars", "adamw"], help="optimizer (paper: LARS)")
     p.add_argument("--blr", type=float, default=d.blr, help="base lr; lr = blr * batch / 256 (paper: 0.1)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (paper: 0)")
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs (paper: 10)")
+    p.add_argument(
+        "--warmup-epochs", type=non_negative_int, default=d.warmup_epochs, help="linear warm-up epochs (paper: 10)"
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
     p.add_argument("--resume", default=d.resume, help="'' fresh, 'auto' latest checkpoint per probe, or a path")
     p.add_argument("--device", default=d.device, help="device for extraction and training")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out holding another run (deletes it)")
     p.set_defaults(func=_cmd_probe)
     return p

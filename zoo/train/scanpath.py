@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._cli_errors import non_negative_int, parse_json_mapping, positive_int
+from .._io import atomic_write_text, load_state_dict_checked, safe_load
 from ..data.scanpath import (
     ScanpathData,
     ScanpathDataset,
@@ -43,8 +45,8 @@ from ..data.scanpath import (
     read_scanpaths,
     synthetic_coins_search,
 )
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from .metrics import MetricLogger, Progress
+from .checkpoint import CheckpointManager, atomic_save, capture_rng_state, prepare_run_folder, restore_rng_state
+from .metrics import MetricLogger, Progress, rewind_csv
 
 __all__ = [
     "BEHAVIOUR_STATS",
@@ -62,6 +64,7 @@ __all__ = [
 ]
 
 BEHAVIOUR_STATS = ("target_found", "length", "search", "refixation", "revisit")
+RUN_LOGS = ("metrics.csv", "model_best.pt")  # what --overwrite removes besides the checkpoints
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -266,6 +269,7 @@ def train_scanpath_model(
     eval_every: int = 1,
     verbose: bool = True,
     monitor: str = "behaviour_delta",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Teacher-forced cross-entropy training with early stopping on the validation behavioural delta.
 
@@ -273,23 +277,35 @@ def train_scanpath_model(
     delta of greedy decodes is the paper's monitor but is noisy on a few validation scanpaths and favours
     under-trained checkpoints (greedy decoding never refixates, so the refixation term is flat). Returns the
     validation metrics of the best epoch and the per-epoch history; the best weights are loaded back into
-    ``model`` at the end.
+    ``model`` at the end. ``finished`` in the result says the run had already ended before this call (a
+    ``resume='auto'`` of a finished run trains nothing). ``overwrite`` starts over in an ``out_dir`` that
+    holds another run.
     """
     if monitor not in ("behaviour_delta", "loss"):
         raise ValueError(f"monitor must be 'behaviour_delta' or 'loss', not {monitor!r}")
     torch.manual_seed(seed)
     random.seed(seed)
+    if not splits["train"]:
+        raise ValueError(
+            f"no training scanpaths ({sum(len(v) for v in splits.values())} in all, split 80/10/10): add scanpaths"
+        )
     dataset = ScanpathDataset(data, model.crop_size, splits["train"])
     val_refs = splits["val"]
     max_len = max(len(s.fixations) for s in splits["train"]) + 1
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     manager = CheckpointManager(out_dir, keep_last=1, mode="min") if out_dir is not None else None
-    logger = MetricLogger(out_dir) if out_dir is not None else None
+    if manager is not None:
+        prepare_run_folder(out_dir, manager, resume, overwrite, RUN_LOGS)
     start_epoch, best, best_state, since_best, history = 0, math.inf, None, 0, []
     best_delta = math.inf
     state = manager.resolve_resume(resume) if manager is not None and resume else None
+    steps = math.ceil(len(dataset) / batch_size)
+    if out_dir is not None and resume:  # rows logged after the resumed checkpoint are logged again
+        rewind_csv(Path(out_dir) / "metrics.csv", (state["epoch"] + 1) * steps if state else 0)
+    logger = MetricLogger(out_dir) if out_dir is not None else None
+    finished = state is not None and (state["since_best"] >= patience or state["epoch"] + 1 >= epochs)
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_state_dict_checked(model, state["model"], f"checkpoint {state['path']}")
         optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
         start_epoch, best, since_best, history = (
@@ -299,8 +315,7 @@ def train_scanpath_model(
             state["history"],
         )
         best_state, best_delta = state["best_state"], state.get("best_delta", state["best"])
-    steps = math.ceil(len(dataset) / batch_size)
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, 0 if finished else epochs):
         model.train()
         order = torch.randperm(len(dataset)).tolist()
         progress = Progress(steps, f"oat {epoch + 1}/{epochs}", enabled=verbose)
@@ -343,7 +358,14 @@ def train_scanpath_model(
         logger.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    return dict(best_val_behaviour_delta=best_delta, best_val=best, monitor=monitor, history=history, max_len=max_len)
+    return dict(
+        best_val_behaviour_delta=best_delta,
+        best_val=best,
+        monitor=monitor,
+        history=history,
+        max_len=max_len,
+        finished=finished,
+    )
 
 
 @torch.no_grad()
@@ -370,7 +392,9 @@ def _load_data(args: argparse.Namespace) -> ScanpathData:
 def _build_model(args: argparse.Namespace, data: ScanpathData) -> nn.Module:
     import zoo
 
-    kwargs = dict(grid=data.grid, max_objects=data.max_objects, **json.loads(args.model_kwargs))
+    kwargs = dict(
+        grid=data.grid, max_objects=data.max_objects, **parse_json_mapping(args.model_kwargs, "--model-kwargs")
+    )
     return zoo.create_model(args.model, **kwargs)
 
 
@@ -381,11 +405,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = _build_model(args, data)
     result = train_scanpath_model(
         model, data, splits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-        seed=args.seed, out_dir=args.out, resume=args.resume, monitor=args.monitor,
+        seed=args.seed, out_dir=args.out, resume=args.resume, monitor=args.monitor, overwrite=args.overwrite,
     )  # fmt: skip
     out = Path(args.out)
-    torch.save(dict(model=model.state_dict(), model_kwargs=model._model_args, max_len=result["max_len"],
-                    name=args.model), out / "model_best.pt")  # fmt: skip
+    if result["finished"] and (out / "model_best.pt").is_file():
+        print(f"run in {out} already finished: nothing to do; weights in {out / 'model_best.pt'}")
+        return 0
+    atomic_save(dict(model=model.state_dict(), model_kwargs=model._model_args, max_len=result["max_len"],
+                     name=args.model), out / "model_best.pt")  # fmt: skip
     best = result["best_val_behaviour_delta"]
     print(f"best validation behavioural delta {best:.4f}; weights in {out / 'model_best.pt'}")
     return 0
@@ -394,9 +421,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load_trained(args: argparse.Namespace) -> tuple[nn.Module, int]:
     import zoo
 
-    ckpt = torch.load(args.checkpoint, map_location="cpu")
-    model = zoo.create_model(ckpt.get("name", "oat"), **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
+    ckpt = safe_load(args.checkpoint)  # weights_only: a file handed in never runs code
+    if not isinstance(ckpt, dict) or not {"model", "model_kwargs", "max_len"} <= set(ckpt):
+        raise ValueError(
+            f"--checkpoint {args.checkpoint} is not a model_best.pt of `zoo scanpath train` (it needs 'model', "
+            "'model_kwargs' and 'max_len' entries)"
+        )
+    if not isinstance(ckpt["model_kwargs"], dict):
+        raise ValueError(f"--checkpoint {args.checkpoint}: 'model_kwargs' is not a mapping")
+    model = zoo.create_model(str(ckpt.get("name", "oat")), **ckpt["model_kwargs"])
+    load_state_dict_checked(model, ckpt["model"], f"checkpoint {args.checkpoint}")
     return model.eval(), int(ckpt["max_len"])
 
 
@@ -412,7 +446,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results["random"] = evaluate_scanpaths(data, rand, refs)
     print(json.dumps(results, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2))
     return 0
 
 
@@ -431,7 +465,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     ]
     text = json.dumps({"scanpaths": rows}, indent=1)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
     else:
         print(text)
     return 0
@@ -445,7 +479,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--data", required=True, help="displays JSON (see zoo.data.scanpath) or 'synthetic-coins'")
         q.add_argument("--scanpaths", default=None, help="scanpaths CSV (display,subject,fixations[,durations])")
-        q.add_argument("--synthetic-displays", type=int, default=300, help="displays of the synthetic-coins task")
+        q.add_argument(
+            "--synthetic-displays", type=positive_int, default=300, help="displays of the synthetic-coins task"
+        )
         q.add_argument("--seed", type=int, default=1234, help="seed of the split and the training")
         q.add_argument("--split-by", default="scanpath", choices=["scanpath", "display"], help="80/10/10 split unit")
 
@@ -454,13 +490,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q.add_argument("--model", default="oat", help="scanpath entry (zoo list --kind scanpath)")
     q.add_argument("--model-kwargs", default="{}", help="JSON kwargs, e.g. '{\"crop_size\": [150, 93]}'")
     q.add_argument("--out", default="scanpath_run", help="run folder: checkpoints, metrics.csv, model_best.pt")
-    q.add_argument("--epochs", type=int, default=500, help="maximum epochs (paper: 500)")
-    q.add_argument("--batch-size", type=int, default=20, help="batch (paper: 20)")
+    q.add_argument("--epochs", type=positive_int, default=500, help="maximum epochs (paper: 500)")
+    q.add_argument("--batch-size", type=positive_int, default=20, help="batch (paper: 20)")
     q.add_argument("--lr", type=float, default=1e-4, help="Adam lr (paper: 1e-4, constant)")
-    q.add_argument("--patience", type=int, default=30, help="early-stopping patience in epochs (paper: 30)")
+    q.add_argument("--patience", type=positive_int, default=30, help="early-stopping patience in epochs (paper: 30)")
     q.add_argument("--monitor", default="behaviour_delta", choices=["behaviour_delta", "loss"],
                    help="early-stopping and best-checkpoint value (paper: behaviour_delta)")  # fmt: skip
     q.add_argument("--resume", default="", help="'' fresh, 'auto' latest checkpoint in --out, or a path")
+    q.add_argument("--overwrite", action="store_true", help="start over in an --out holding another run (deletes it)")
     q.set_defaults(func=_cmd_train)
 
     q = verbs.add_parser("eval", help="SS, edit distance, MultiMatch, behavioural delta vs a random baseline")
@@ -473,7 +510,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q = verbs.add_parser("predict", help="greedy (or --samples N sampled) scanpaths for every display")
     common(q)
     q.add_argument("--checkpoint", required=True, help="model_best.pt from `zoo scanpath train`")
-    q.add_argument("--samples", type=int, default=0, help="0: greedy; N: N sampled scanpaths per display")
+    q.add_argument("--samples", type=non_negative_int, default=0, help="0: greedy; N: N sampled scanpaths per display")
     q.add_argument("--max-len", type=int, default=None, help="maximum fixations (default: the training maximum)")
     q.add_argument("--out", default=None, help="write the scanpaths JSON here (default: stdout)")
     q.set_defaults(func=_cmd_predict)

@@ -16,10 +16,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.data import create_transform, resolve_data_config
+from timm.models import clean_state_dict
 
 import zoo
 
+from .._io import load_state_dict_checked
 from ..data.embedded import EmbeddedDataset, canonical_name, load_embedded
+from .checkpoint import load_checkpoint_file
 from .data import SafeImageFolder, build_eval_loader, check_image_folder
 from .loop import check_model_name
 
@@ -65,11 +68,11 @@ class ValidateResult:
 
 
 def _load_checkpoint(path: str | Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, metadata) from a ``zoo train`` checkpoint or a plain / timm-style state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """(state_dict, metadata) from a ``zoo train`` checkpoint or a plain / timm-style state dict.
+
+    Loaded with ``weights_only=True``: a file that needs pickle is refused, naming the file.
+    """
+    ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
     if "model" in ckpt and isinstance(ckpt["model"], dict):  # zoo train
@@ -81,9 +84,11 @@ def _load_checkpoint(path: str | Path, use_ema: bool) -> tuple[dict[str, torch.T
             state = ckpt["model"]
         return state, ckpt
     for key in (("state_dict_ema", "model_ema") if use_ema else ()) + ("state_dict",):
-        if key in ckpt:
-            return ckpt[key], {}
-    return ckpt, {}
+        if key in ckpt and isinstance(ckpt[key], dict):
+            return clean_state_dict(ckpt[key]), {}
+    if use_ema:
+        raise ValueError(f"--use-ema: checkpoint {path} has no EMA weights ('state_dict_ema' / 'model_ema')")
+    return clean_state_dict(ckpt), {}
 
 
 def _dataset(data: str, transform: Any, in_chans: int, split: str, limit: int) -> tuple[Any, list[str]]:
@@ -121,10 +126,30 @@ def validate(
     limit: int = 0,
     results_file: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    pretrained: bool = False,
 ) -> ValidateResult:
-    """Evaluate ``name`` with ``checkpoint``'s weights on ``data`` (embedded name or folder); see module doc."""
+    """Evaluate ``name`` with ``checkpoint``'s weights (or its ``pretrained`` ones) on ``data``; see module doc.
+
+    Raises:
+        ValueError: no weights given, an empty checkpoint, or one that does not match the model (another
+            architecture, num_classes or in_chans) -- never a silent evaluation of random weights.
+    """
     check_model_name(name)
+    if not checkpoint and not pretrained:
+        raise ValueError(
+            f"no weights to validate for {name}: pass --checkpoint FILE or --pretrained (random weights would "
+            "give a meaningless accuracy)"
+        )
+    if checkpoint and pretrained:
+        raise ValueError("pass --checkpoint or --pretrained, not both")
     state, meta = _load_checkpoint(checkpoint, use_ema) if checkpoint else ({}, {})
+    if checkpoint and not state:
+        raise ValueError(f"checkpoint {checkpoint} holds no weights (its state dict is empty)")
+    trained = meta.get("model_name")
+    if trained and trained.split(".")[0] != name.split(".")[0]:
+        raise ValueError(
+            f"checkpoint {checkpoint} was trained as {trained}, not {name}; run `zoo validate {trained} ...`"
+        )
     stored = meta.get("config", {})
     kwargs = dict(stored.get("model", {}).get("kwargs", {}))
     kwargs.update(model_kwargs or {})
@@ -135,9 +160,9 @@ def validate(
         _, classes = _dataset(data, None, 3, split, limit)
         num_classes = len(classes)
     in_chans = meta.get("in_chans", 3)
-    model = zoo.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = zoo.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if state:
-        model.load_state_dict(state)
+        load_state_dict_checked(model, state, f"checkpoint {checkpoint}", model_name=name)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
 
