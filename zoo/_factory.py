@@ -21,6 +21,7 @@ from __future__ import annotations
 import numbers
 import os
 import pickle
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -334,10 +335,30 @@ def _unwrap_state_dict(checkpoint: Any, path: Path) -> dict[str, Any]:
     return clean_state_dict(dict(checkpoint))  # DDP 'module.' and torch.compile '_orig_mod.' prefixes
 
 
-def load_checkpoint_path(model: nn.Module, checkpoint_path: str | os.PathLike, model_name: str = "") -> None:
-    """Load a timm-format checkpoint strictly into ``model`` without running any code from the file.
+FilterFn = Callable[[dict[str, Any], nn.Module], dict[str, Any]]
 
-    ``.npz`` / ``.npy`` files go to the model's own ``load_pretrained`` (NumPy, no pickle), as in timm.
+
+def family_filter_fn(arch: str) -> FilterFn | None:
+    """The ``checkpoint_filter_fn`` of the family file that registered zoo architecture ``arch``, if it has one.
+
+    Filters map an authors' checkpoint layout to zoo's keys and are idempotent on zoo's own layout, so every
+    route (``pretrained_cfg_overlay=dict(file=...)``, ``checkpoint_path=``) takes both.
+    """
+    if not _registry.is_zoo_model(arch):
+        return None
+    module = sys.modules.get(_registry.get_entry(arch).fn.__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def load_checkpoint_path(
+    model: nn.Module, checkpoint_path: str | os.PathLike, model_name: str = "", filter_fn: FilterFn | None = None
+) -> None:
+    """Load a checkpoint strictly into ``model`` without running any code from the file.
+
+    The state dict is found as timm's ``load_checkpoint`` finds it (``state_dict_ema``, ``model_ema``,
+    ``state_dict``, ``model``; ``module.`` prefixes dropped), then passed through ``filter_fn`` (the family's
+    ``checkpoint_filter_fn``: authors' layouts to zoo's keys). ``.npz`` / ``.npy`` files go to the model's own
+    ``load_pretrained`` (NumPy, no pickle), as in timm.
 
     Raises:
         FileNotFoundError, UnsafeFileError, CorruptFileError: from ``zoo._io.safe_load``, naming the file.
@@ -351,6 +372,8 @@ def load_checkpoint_path(model: nn.Module, checkpoint_path: str | os.PathLike, m
         model.load_pretrained(str(path))
         return
     state_dict = _unwrap_state_dict(safe_load(path, map_location="cpu", what="checkpoint"), path)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
     load_state_dict_checked(model, state_dict, f"checkpoint {path}", model_name=name)
 
 
@@ -477,19 +500,23 @@ def create_model(
     with set_layer_config(**layer_config), _weight_file_errors(cfg.file if pretrained else None):
         if entry.kind == "backbone":
             model = entry.fn(pretrained=pretrained, pretrained_cfg=cfg, cache_dir=cache_dir, **kwargs)
-        else:  # heads build from plain kwargs; their cfg is attached for cards and tools
-            model = entry.fn(pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
+        else:  # heads build from plain kwargs (their cfg attached for tools); weights: the family's filter
+            model = entry.fn(pretrained=False, pretrained_cfg=cfg, **kwargs)
+            if pretrained:
+                load_checkpoint_path(model, cfg.file, arch_name, family_filter_fn(arch_name))
     # constructor options recorded as timm does, so an export can rebuild the same model
     model._model_args = dict(
         getattr(model, "_model_args", {}),
         **{k: v for k, v in kwargs.items() if k not in ("device", "dtype", "pretrained_model_args")},
     )
-    return _load_checkpoint_path(model, checkpoint_path, arch_name)
+    return _load_checkpoint_path(model, checkpoint_path, arch_name, family_filter_fn(arch_name))
 
 
-def _load_checkpoint_path(model: nn.Module, checkpoint_path: str | Path | None, name: str) -> nn.Module:
+def _load_checkpoint_path(
+    model: nn.Module, checkpoint_path: str | Path | None, name: str, filter_fn: FilterFn | None = None
+) -> nn.Module:
     if checkpoint_path:
-        load_checkpoint_path(model, checkpoint_path, name)
+        load_checkpoint_path(model, checkpoint_path, name, filter_fn)
     return model
 
 

@@ -1,6 +1,7 @@
 """Model cards (``model_cards/NAME.md``), generated from the registry and measured numbers.
 
-A card is built from: the family's ``FAMILY`` facts (title, paper, origin, citation, reported accuracy),
+A card is built from: the family's ``FAMILY`` facts (title, paper, origin, citation, reported accuracy; per
+architecture ``references`` = the authors' code it reproduces, and ``deviations`` = {keyword: why}),
 the architecture's pretrained cfgs (input size, crop, weights and licence), numbers measured here
 (parameters, GMACs with ``FlopCounterMode``, feature levels) and accuracy rows a validation run wrote
 in timm's ``results-imagenet.csv`` schema under ``benchmarks/results/``.
@@ -108,6 +109,13 @@ def render_card(name: str, info: ModelInfo | None = None) -> str:
     ]
     if family.get("notes"):
         lines += [family["notes"], ""]
+    reference = family.get("references", {}).get(name)
+    if reference:  # which authors' code this variant reproduces, at which commit, to what tolerance
+        lines += ["## Reference implementation", "", reference, ""]
+    deviations = family.get("deviations", {}).get(name)
+    if deviations:  # each kept deviation from the reference is a named keyword
+        lines += ["## Deviations from the reference (keywords)", ""]
+        lines += [f"- `{keyword}`: {why}" for keyword, why in deviations.items()] + [""]
     lines += ["## Variants in this family", "", ", ".join(f"`{v}`" for v in variants), ""]
     lines += ["## Numbers (measured here)", "", "| | |", "|---|---|"]
     lines.append(f"| parameters | {info.params:,} ({info.params / 1e6:.2f} M) |")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 import zoo
 
 from .._io import atomic_write_text, load_state_dict_checked
+from .._registry import close_model_names
 from . import data as data_lib
 from .checkpoint import CheckpointManager, capture_rng_state, check_out_dir, prepare_run_folder, restore_rng_state
 from .config import Config, dump_config
@@ -44,8 +44,7 @@ def check_model_name(name: str) -> None:
     arch = name.split(".")[0]
     if zoo.is_model(arch) or arch in timm.list_models():
         return
-    known = sorted(set(zoo.list_models()) | set(timm.list_models()))
-    close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
+    close = close_model_names(arch)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `zoo list` or timm.list_models()"
     raise ConfigError(f"unknown model {name!r}{hint}")
 
