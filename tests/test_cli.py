@@ -78,3 +78,13 @@ def test_card_usage_snippet_runs(kind: str) -> None:
     name = min(zoo.list_models(kind=kind), key=len) if kind != "backbone" else "davit_tiny"
     code = re.search(r"```python\n(.*?)```", render_card(name), re.S).group(1)
     exec(compile(code, f"<card {name}>", "exec"), {})
+
+
+def test_help_lists_every_subcommand(capsys) -> None:
+    from zoo.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(verbs) >= {"list", "train", "validate", "wsi", "mil", "probe", "scanpath", "finetune", "det", "seg"}
+    missing = [v for v in verbs if f" {v}," not in parser.description and f" {v}." not in parser.description]
+    assert not missing, f"`zoo --help` does not name {missing}"

@@ -116,7 +116,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = ZooArgumentParser(
         prog="zoo",
-        description=__doc__.splitlines()[0],
+        description=" ".join(__doc__.split("\n\n")[0].split()).replace("``", ""),  # every verb, one paragraph
         epilog="Errors print as one line; --debug (anywhere) or ZOO_DEBUG=1 shows the traceback.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

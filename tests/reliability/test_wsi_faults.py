@@ -270,7 +270,7 @@ def test_heatmap_warns_on_uniform_and_nan_attention_and_refuses_object_arrays(
 
     pickled = tmp_path / "attention.npy"
     np.save(pickled, np.array([{"tile": i} for i in range(TILES)], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="attention.npy holds a NumPy object array"):
+    with pytest.raises(ValueError, match="attention.npy holds pickled Python objects"):
         wsi.attention_heatmap(features_h5, pickled, tmp_path / "obj.png")
     (tmp_path / "text.npy").write_text("0.1 0.2")
     with pytest.raises(ValueError, match="text.npy is not a .npy array"):

@@ -1358,15 +1358,15 @@ def load_attention(path: str | os.PathLike) -> np.ndarray:
         raise FileNotFoundError(f"attention file {path} does not exist")
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        if "Object arrays" in str(err) or "pickled" in str(err):  # numpy's text advises allow_pickle: not ours
+    except ValueError:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":  # a real .npy of Python objects (numpy's own text advises allow_pickle: not ours)
             raise ValueError(
-                f"attention file {path} holds pickled Python objects (or is not a .npy file at all); zoo does not "
-                "unpickle files it is handed: save numbers, np.save(path, attention.astype(np.float32))"
+                f"attention file {path} holds pickled Python objects (a NumPy object array); zoo does not unpickle "
+                "files it is handed: save numbers, np.save(path, attention.astype(np.float32))"
             ) from None
-        raise ValueError(
-            f"attention file {path} is not a .npy array ({_one_line(err)}); save one with np.save(path, attention)"
-        ) from None
+        raise ValueError(f"attention file {path} is not a .npy array; save one with np.save(path, attention)") from None
     except (OSError, EOFError) as err:
         raise ValueError(f"attention file {path} is truncated or not a .npy array ({_one_line(err)})") from None
     if not isinstance(array, np.ndarray):  # an .npz archive
