@@ -63,3 +63,55 @@ def test_two_process_fsdp2_matches_one_process(tmp_path, one_process):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     ckpt = torch.load(sorted((tmp_path / "fsdp" / "checkpoints").glob("ckpt_0*.pt"))[-1], weights_only=False)
     assert not any(hasattr(v, "placements") for v in ckpt["model"].values())  # full tensors, not DTensor shards
+
+
+# a model with BatchNorm: each rank's running statistics differ after training
+BN_RUN = [
+    "--model", "resnet10t", "--model.drop_path_rate", "0", "--data", "digits", "--data.img_size", "32",
+    "--data.limit_train", "128", "--data.limit_val", "48", "--data.num_workers", "0", "--aug.no_aug", "true",
+    "--batch-size", "32", "--epochs", "1", "--loop.max_steps", "4", "--loop.threads", "1", "--log.plot", "false",
+    "--schedule.warmup_epochs", "0", "--aug.crop_pct", "1.0", "--lr", "1e-2",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_evaluation_equals_zoo_validate(tmp_path, strategy):
+    """Logged validation numbers are those of the saved weights: rank 0's BatchNorm statistics on every rank."""
+    out = tmp_path / strategy
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "zoo.train",
+         *BN_RUN, "--dist.strategy", strategy, "--out", str(out)],
+        capture_output=True, text=True, env=ENV, timeout=240,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    logged = list(csv.DictReader(open(out / "metrics.csv")))[-1]
+    from zoo.train.validate import validate
+
+    checked = validate("resnet10t", out / "checkpoints" / "ckpt_best.pt", "digits", limit=48, num_workers=0,
+                       device="cpu")  # fmt: skip
+    # each rank evaluating with its own running statistics moved the loss by ~1e-3 here (the issue: 1.1853 DDP,
+    # 1.1909 FSDP, 1.1832 zoo validate); with rank 0's on every rank only the summation order differs
+    assert abs(float(logged["val_loss"]) - checked.loss) < 2e-5, (logged["val_loss"], checked.loss)
+    assert float(logged["val_acc1"]) == pytest.approx(checked.top1, abs=1e-6)
+
+
+def test_sync_bn_on_cpu_is_refused_up_front(tmp_path):
+    from zoo.train.config import Config
+    from zoo.train.loop import ConfigError, train
+
+    cfg = Config()
+    cfg.model.sync_bn, cfg.loop.device, cfg.log.out = True, "cpu", str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="sync_bn needs CUDA"):
+        train(cfg)
+
+
+def test_fsdp_with_channels_last_is_refused_up_front():
+    from zoo.train.config import Config
+    from zoo.train.loop import ConfigError, preflight
+
+    cfg = Config()
+    cfg.dist.strategy, cfg.model.channels_last, cfg.data.source = "fsdp", True, "digits"
+    cfg.loop.batch_size = 32
+    with pytest.raises(ConfigError, match="contiguous parameters"):
+        preflight(cfg, world_size=2)
+    preflight(cfg, world_size=1)  # one process: no FSDP, channels-last is fine

@@ -46,3 +46,46 @@ def test_tensorboard_backend(tmp_path):
     logger.log(dict(epoch=1, val_acc1=50.0), step=1)
     logger.close()
     assert list((tmp_path / "tb" / "r").glob("events.out.tfevents.*"))
+
+
+def test_step_loss_and_lr_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ._common import run_trainer, tiny_train_config
+
+    out = tmp_path / "run"
+    run_trainer(tiny_train_config(out, log={"backends": ["csv", "tensorboard"]}, loop={"max_steps": 3}))
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3]
+    assert "val_loss" in events.Tags()["scalars"]
+
+
+def test_wandb_resumes_its_run(tmp_path, monkeypatch):
+    """One wandb run across a restart: the id is stored in the checkpoint and passed back with resume='allow'."""
+    import sys
+    import types
+
+    from ._common import run_trainer, tiny_train_config
+
+    inits, logged = [], []
+
+    class Run:
+        def log(self, row, step):
+            logged.append((step, row))
+
+        def finish(self):
+            pass
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: inits.append(kwargs) or Run()
+    fake.util = types.SimpleNamespace(generate_id=lambda: "run-abc123")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    run_trainer(tiny_train_config(out, log={"backends": ["wandb"]}, loop={"max_steps": 2}))
+    run_trainer(tiny_train_config(out, log={"backends": ["wandb"]}, loop={"max_steps": 4},
+                                  checkpoint={"resume": "auto"}))  # fmt: skip
+    assert [(i["id"], i["resume"]) for i in inits] == [("run-abc123", "allow")] * 2
+    assert all("reinit" not in i for i in inits)
+    assert [s for s, row in logged if "train/loss" in row] == [1, 2, 3, 4]

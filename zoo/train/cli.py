@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 from collections.abc import Sequence
 
 import yaml
@@ -28,6 +29,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = train(cfg)
     if metrics and os.environ.get("RANK", "0") == "0":
         print(json.dumps(metrics, default=str))
+    if metrics.get("stopped_by"):  # checkpointed and left on a signal: the shell's code for it (143 = SIGTERM)
+        return 128 + int(getattr(signal, metrics["stopped_by"], signal.SIGTERM))
     return 0
 
 

@@ -11,6 +11,10 @@ Public API (stable; the other training entry points import it):
   draws different augmentations) and returns it.
 * ``rank0_print(*args)``: prints on rank 0 only. ``barrier()``, ``all_reduce_mean(tensor)``,
   ``cleanup()``: no-ops in a single process.
+* ``broadcast_buffers(module)``: every rank takes rank 0's buffers (BatchNorm running statistics), so an
+  evaluation on all ranks measures the weights rank 0 saves.
+* ``StopSignals()``: a context manager that turns SIGTERM / SIGUSR1 (preemption, SLURM's warning signal)
+  into a flag the loop polls; the loop then checkpoints and leaves cleanly.
 
 Launch (single node): ``torchrun --nproc-per-node 8 -m zoo.train --model biformer_tiny ...``. Multi-node
 (run the same line on every node): ``torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d
@@ -22,7 +26,10 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +37,8 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
+    "StopSignals",
+    "broadcast_buffers",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
@@ -125,3 +134,44 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics, ...) to every rank. No-op in one process.
+
+    Each DDP / FSDP rank updates its own running statistics in training; evaluating with them would measure a
+    different model per rank than the one rank 0 saves (and ``zoo validate`` then reads).
+    """
+    if not dist.is_initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+class StopSignals:
+    """Within the block, SIGTERM and SIGUSR1 set ``received`` (the signal's name) instead of killing the process.
+
+    Schedulers send SIGTERM before preempting a job (SLURM sends SIGUSR1 ahead of time with ``--signal``);
+    the loop polls ``received`` after each optimizer step, checkpoints and returns. Outside the main thread
+    (where handlers cannot be installed) it does nothing.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()

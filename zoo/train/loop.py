@@ -31,7 +31,17 @@ from .._registry import close_model_names
 from . import data as data_lib
 from .checkpoint import CheckpointManager, capture_rng_state, check_out_dir, prepare_run_folder, restore_rng_state
 from .config import Config, dump_config
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, rank0_print, seed_everything
+from .distributed import (
+    DistInfo,
+    StopSignals,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    cleanup,
+    init_distributed,
+    rank0_print,
+    seed_everything,
+)
 from .metrics import CSVWriter, MetricLogger, Progress, plot_curves, rewind_csv
 
 
@@ -68,6 +78,11 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"--loop.amp {cfg.loop.amp!r}; expected none, bf16 or fp16")
     if cfg.dist.strategy not in ("ddp", "fsdp"):
         raise ConfigError(f"--dist.strategy {cfg.dist.strategy!r}; expected ddp or fsdp")
+    if cfg.dist.strategy == "fsdp" and world_size > 1 and cfg.model.channels_last:
+        raise ConfigError(
+            "--model.channels_last with --dist.strategy fsdp: FSDP2 shards contiguous parameters only and "
+            "channels-last conv weights are not; drop one of them"
+        )
     if cfg.dist.strategy == "fsdp" and world_size > 1 and cfg.loop.ema:
         raise ConfigError("--loop.ema is not supported with --dist.strategy fsdp yet; use ddp or drop the EMA")
 
@@ -148,9 +163,15 @@ class Trainer:
 
     def __init__(self, cfg: Config, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
+        self.signals: StopSignals | None = None  # set while run() trains
         self.device = dist_info.device
         self.out = Path(cfg.log.out)
         preflight(cfg, dist_info.world_size)  # fail before any work
+        if cfg.model.sync_bn and self.device.type != "cuda":
+            raise ConfigError(
+                "--model.sync_bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; drop it on the CPU (the "
+                "ranks' running statistics are taken from rank 0 before every evaluation anyway)"
+            )
 
         # the run folder: a fresh run never mixes with (or prunes) the run a folder already holds
         self.ckpt = CheckpointManager(
@@ -270,7 +291,9 @@ class Trainer:
             enabled=dist_info.is_main,
             run_name=cfg.log.run_name or None,
             config=cfg.to_dict(),
+            wandb_id=resumed.get("wandb_id") if resumed is not None else None,  # one wandb run across restarts
         )
+        self.stop_signal: str | None = None  # SIGTERM / SIGUSR1 seen by any rank: checkpoint and leave
         self.step_csv = CSVWriter(self.out / "steps.csv") if dist_info.is_main and cfg.log.step_every else None
         if dist_info.is_main:
             atomic_write_text(self.out / "config.yaml", dump_config(cfg))
@@ -295,6 +318,7 @@ class Trainer:
             sampler=dict(epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch),
             epoch_totals=dataclasses.asdict(self.epoch_totals),
             metrics=self.last_metrics,
+            wandb_id=self.logger.wandb_id if self.dist.is_main else None,
             rng=gather_rng_states(),
             epoch=self.state.epoch,
             train_time=self.state.train_time,
@@ -417,7 +441,10 @@ class Trainer:
             if cfg.optim.clip_grad:
                 self.scaler.unscale_(self.optimizer)
                 dispatch_clip_grad(self.model.parameters(), cfg.optim.clip_grad, mode=cfg.optim.clip_mode)
-            global_loss = all_reduce_sum(step_loss) / self.dist.world_size
+            # one collective for the loss and the stop request, so every rank stops after the same step
+            signalled = float(self.signals is not None and self.signals.received is not None)
+            reduced = all_reduce_sum(torch.stack([step_loss.float(), torch.tensor(signalled, device=self.device)]))
+            global_loss = reduced[0] / self.dist.world_size
             if cfg.loop.nan_check and not torch.isfinite(global_loss):
                 last = self.ckpt.latest_path()
                 raise FloatingPointError(
@@ -443,12 +470,20 @@ class Trainer:
             step_start = now
             lr = self.optimizer.param_groups[0]["lr"]
             progress.update(1, loss=loss_value, lr=lr, img_s=round(img_s, 1))
-            if self.step_csv is not None and st.step % cfg.log.step_every == 0:
-                row = dict(step=st.step, epoch=st.epoch, loss=repr(loss_value), lr=lr, img_s=img_s)
-                row["train_acc1"] = 100 * step_correct / max(n_images, 1) if self.mixup is None else ""
-                self.step_csv.write(row)
-            if cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
+            if cfg.log.step_every and st.step % cfg.log.step_every == 0:
+                train_acc1 = 100 * step_correct / max(n_images, 1) if self.mixup is None else ""
+                if self.step_csv is not None:
+                    row = dict(step=st.step, epoch=st.epoch, loss=repr(loss_value), lr=lr, img_s=img_s)
+                    self.step_csv.write(dict(row, train_acc1=train_acc1))
+                self.logger.log_step(dict(loss=loss_value, lr=lr, img_s=img_s, acc1=train_acc1), st.step)
+            saved = bool(cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0)
+            if saved:
                 self.save()
+            if reduced[1].item() > 0:  # preempted: keep this step, then leave
+                self.stop_signal = (self.signals.received if self.signals else None) or "SIGTERM"
+                if not saved:
+                    self.save()
+                break
             if self._should_stop():
                 break
         progress.close()
@@ -478,6 +513,7 @@ class Trainer:
         """Top-1, top-5 and loss on the validation set (EMA weights when ``--loop.eval_ema``)."""
         # the unwrapped module: DDP must not sync buffers over ranks holding different numbers of batches
         model = self.ema.module if (self.ema is not None and self.cfg.loop.eval_ema) else self.model
+        broadcast_buffers(model)  # rank 0's running statistics: the weights it saves, as `zoo validate` reads them
         model.eval()
         loader = data_lib.build_eval_loader(
             self.data.val, self.micro_batch, self.cfg.data.num_workers, self.dist.rank, self.dist.world_size
@@ -512,9 +548,21 @@ class Trainer:
             val_loss=totals[0].item() / n, val_acc1=100 * totals[1].item() / n, val_acc5=100 * totals[2].item() / n
         )
 
-    def run(self) -> dict[str, float]:
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or a stop signal) and return the last evaluation's metrics.
+
+        SIGTERM / SIGUSR1 stop the run after the current optimizer step: a checkpoint is written and the
+        metrics come back with ``stopped_by`` set to the signal's name (``--resume auto`` continues exactly).
+        """
         if self.finished_metrics is not None:
             return self.finished_metrics
+        with StopSignals() as self.signals:
+            try:
+                return self._run()
+            finally:
+                self.signals = None
+
+    def _run(self) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
         rank0_print(
             f"training {cfg.model.name} on {cfg.data.source}: {len(self.data.train)} images, "
@@ -525,6 +573,13 @@ class Trainer:
         metrics: dict[str, float] = {}
         while st.epoch < cfg.schedule.epochs:
             train_metrics = self.train_epoch()
+            if self.stop_signal is not None:
+                rank0_print(
+                    f"stopped by {self.stop_signal} at step {st.step} (epoch {st.epoch + 1}); checkpoint "
+                    f"{self.ckpt.latest_path()}; continue with --resume auto"
+                )
+                self.logger.close()
+                return dict(self.last_metrics, stopped_by=self.stop_signal, step=st.step)
             finished_epoch = st.batch_in_epoch >= self.steps_per_epoch
             stopping = self._should_stop() or (finished_epoch and st.epoch + 1 >= cfg.schedule.epochs)
             if finished_epoch:
@@ -571,8 +626,9 @@ def gather_rng_states() -> list[dict[str, Any]]:
     return gathered
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Run one training job (single process, or one rank of a torchrun job); returns the last eval metrics."""
+def train(cfg: Config) -> dict[str, Any]:
+    """Run one training job (single process, or one rank of a torchrun job); returns the last eval metrics
+    (with ``stopped_by`` when SIGTERM / SIGUSR1 stopped it after a checkpoint)."""
     dist_info = init_distributed(cfg.dist.backend or None, cfg.loop.device or None)
     try:
         return Trainer(cfg, dist_info).run()

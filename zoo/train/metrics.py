@@ -10,7 +10,8 @@ Public API (stable; the MIL, probing and scanpath entry points import it):
 * ``MetricLogger(out_dir, backends=("csv",), enabled=True, run_name=None, config=None)``: one ``log(row,
   step)`` call fans a dict of scalars out to ``metrics.csv`` and, when listed in ``backends``, to
   TensorBoard (``tb/``) and wandb (``WANDB_MODE=offline`` unless the user set ``WANDB_MODE``). A
-  backend whose package is missing is a clear error naming the pip extra. ``close()``.
+  backend whose package is missing is a clear error naming the pip extra. ``log_step(row, step)`` sends
+  per-step scalars to TensorBoard and wandb (``train/<key>``); ``wandb_id`` continues a wandb run. ``close()``.
 * ``rewind_csv(path, step) -> int``: drop the rows logged after ``step`` (a resumed run logs them again);
   returns how many were dropped.
 * ``plot_curves(csv_path, png_path, x="epoch") -> Path``: loss and accuracy columns of a metrics CSV
@@ -165,6 +166,7 @@ class MetricLogger:
         run_name: str | None = None,
         config: dict[str, Any] | None = None,
         csv_name: str = "metrics.csv",
+        wandb_id: str | None = None,
     ):
         """
         Args:
@@ -173,6 +175,8 @@ class MetricLogger:
             enabled: False (non-zero ranks) writes nothing.
             run_name: wandb run name / TensorBoard sub-folder.
             config: hyper-parameters recorded by wandb.
+            wandb_id: the wandb run to continue (a resumed training run keeps one wandb run); ``None``: a new
+                id, readable as ``wandb_id`` afterwards (stored in checkpoints).
         """
         backends = set(backends) | {"csv"}
         unknown = backends - set(self.BACKENDS)
@@ -183,6 +187,7 @@ class MetricLogger:
         self.csv = CSVWriter(self.out_dir / csv_name) if enabled else None
         self._tb = None
         self._wandb = None
+        self.wandb_id = wandb_id
         if not enabled:
             return
         if "tensorboard" in backends:
@@ -197,7 +202,11 @@ class MetricLogger:
             except ImportError as err:
                 raise ImportError("--log wandb needs the wandb package: pip install 'attention-zoo[wandb]'") from err
             os.environ.setdefault("WANDB_MODE", "offline")  # never reach the network unless the user asked
-            self._wandb = wandb.init(dir=str(self.out_dir), name=run_name, config=config or {}, reinit=True)
+            self.wandb_id = wandb_id or wandb.util.generate_id()
+            # resume="allow": the same id continues the same run after a restart (no deprecated reinit=)
+            self._wandb = wandb.init(
+                dir=str(self.out_dir), name=run_name, config=config or {}, id=self.wandb_id, resume="allow"
+            )
 
     @property
     def csv_path(self) -> Path | None:
@@ -213,6 +222,20 @@ class MetricLogger:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def log_step(self, row: dict[str, Any], step: int) -> None:
+        """Per-step scalars (loss, lr, ...) to TensorBoard and wandb as ``train/<key>``; the CSV of steps is
+        the caller's (``steps.csv``), so ``metrics.csv`` keeps one row per evaluation."""
+        if not self.enabled:
+            return
+        scalars = {
+            f"train/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
