@@ -37,6 +37,7 @@ __all__ = [
     "clean_temporaries",
     "confined_path",
     "plain_name",
+    "register_plain_data_class",
     "safe_load",
 ]
 
@@ -62,19 +63,46 @@ class UnsafePathError(ValueError):
 # --------------------------------------------------------------------------------------------- loading
 
 
+_STAND_INS: dict[str, type] = {}
+
+
+def register_plain_data_class(qualified_name: str, base: type = object) -> type:
+    """Let ``safe_load`` rebuild objects of ``qualified_name`` (``'module.Class'``) as plain attribute bags.
+
+    Authors' training scripts pickle small config objects next to their weights (ACMIL's ``utils.utils.Struct``,
+    Lightning's ``AttributeDict``). Their classes are not importable here and need not be: a stand-in with no
+    methods (``base`` = ``object`` or ``dict``) takes their attributes or items, so the weights load with
+    ``weights_only=True`` and no code from the file or the authors' package runs. Family files register the
+    names their authors' checkpoints need.
+    """
+    if qualified_name not in _STAND_INS:
+        module, _, name = qualified_name.rpartition(".")
+        _STAND_INS[qualified_name] = type(name, (base,), {"__module__": module, "__qualname__": name})
+    return _STAND_INS[qualified_name]
+
+
 def _plain_data_globals() -> list[Any]:
     """The few classes whose pickled form is plain data: NumPy arrays (older zoo checkpoints stored RNG states
-    so) and ``argparse.Namespace`` (timm's training checkpoints keep their arguments so). Rebuilding them runs
-    no code from the file."""
+    so), ``argparse.Namespace`` (timm's training checkpoints keep their arguments so) and paths. Rebuilding
+    them runs no code from the file."""
     import argparse
+    import pathlib
 
-    allowed: list[Any] = [argparse.Namespace]
+    # paths pickle as their class applied to strings (the EP repo's runs keep args.data_path so)
+    allowed: list[Any] = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
     try:
         import numpy as np
     except ImportError:
-        return allowed
+        return [*allowed, *_STAND_INS.values()]
     core = getattr(np, "_core", None) or np.core
-    return [*allowed, core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [
+        *allowed,
+        *_STAND_INS.values(),
+        core.multiarray._reconstruct,
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
 
 
 def _unpickle_reason(err: BaseException) -> str:
