@@ -21,7 +21,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-HEADS = ["mean_mil", "max_mil", "abmil", "acmil", "clam_sb_mil", "transmil"]
+HEADS = ["mean_mil", "max_mil", "abmil", "acmil", "clam_sb_mil", "clam_mb_mil", "transmil"]
 
 
 def test_registered_names() -> None:
