@@ -20,7 +20,7 @@ def _one_thread():
 
 
 PROBES = ["efficient_probe", "linear_probe_cls", "linear_probe_avg", "attentive_probe", "vjepa_probe"]
-PROBES += ["aim_probe", "mha_probe", "abmil_probe", "simpool_probe"]
+PROBES += ["aim_probe", "mha_probe", "abmil_probe", "simpool_probe", "map_probe"]
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -44,12 +44,13 @@ def test_peer_pooling_sizes_at_vit_b() -> None:
     D = 768
     sizes = {n: zoo.create_model(n, embed_dim=D, num_classes=1000).pool_parameters() for n in PROBES}
     assert sizes["linear_probe_cls"] == sizes["linear_probe_avg"] == 0
-    assert sizes["simpool_probe"] == pytest.approx(1.18e6, rel=0.01)
-    assert sizes["abmil_probe"] == pytest.approx(2.9e6, rel=0.03)
+    assert sizes["simpool_probe"] == 2 * D * D + 2 * D == pytest.approx(1.18e6, rel=0.01)  # W_q, W_k (no bias), LN
+    assert sizes["abmil_probe"] == 5 * D * D + 3 * D + 1 == pytest.approx(2.9e6, rel=0.03)  # qkv (no bias), proj, MLP
     assert sizes["aim_probe"] == 2 * D * D + D  # W_k, W_v (no bias), one query
     assert sizes["mha_probe"] == 4 * D * D + 4 * D + D  # q, kv, proj with bias, one query
     assert sizes["vjepa_probe"] == 12 * D * D + 14 * D == pytest.approx(7.1e6, rel=0.01)  # + 2 LN, MLP(4)
-    assert sizes["attentive_probe"] == sizes["vjepa_probe"] - 2 * D  # MAP: no LayerNorm on the tokens
+    assert sizes["map_probe"] == sizes["vjepa_probe"] - 2 * D  # timm's MAP: no LayerNorm on the tokens
+    assert sizes["attentive_probe"] == sizes["vjepa_probe"] - 4 * D  # EP's siglip peer: no LayerNorm at all
 
 
 def test_target_ratio_both_countings() -> None:
@@ -73,6 +74,10 @@ def test_peers_follow_their_references() -> None:
     x = torch.randn(3, 11, 64)
     mapped = zoo.create_model("attentive_probe", embed_dim=64, num_classes=5).pool
     assert isinstance(mapped.attn_pool, AttentionPoolLatent)  # reused, not rewritten
+    # EP's siglip peer: AttentionPoolLatent(in_features=D) keeps its defaults (8 heads, no norm); timm's ViT MAP
+    assert mapped.attn_pool.num_heads == 8 and isinstance(mapped.attn_pool.norm, torch.nn.Identity)
+    timm_map = zoo.create_model("map_probe", embed_dim=64, num_classes=5).pool.attn_pool
+    assert timm_map.num_heads == 1 and isinstance(timm_map.norm, torch.nn.LayerNorm)  # heads of 64 channels
     vjepa = zoo.create_model("vjepa_probe", embed_dim=64, num_classes=5, num_heads=4).pool.eval()
     # V-JEPA CrossAttentionBlock by hand: q = u + proj(attn(W_q u, W_kv LN(x))); q = q + MLP(LN(q))
     u, xn = vjepa.query.expand(3, -1, -1), vjepa.norm1(x)
