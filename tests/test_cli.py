@@ -88,3 +88,49 @@ def test_help_lists_every_subcommand(capsys) -> None:
     assert set(verbs) >= {"list", "train", "validate", "wsi", "mil", "probe", "scanpath", "finetune", "det", "seg"}
     missing = [v for v in verbs if f" {v}," not in parser.description and f" {v}." not in parser.description]
     assert not missing, f"`zoo --help` does not name {missing}"
+
+
+@pytest.mark.parametrize(("name", "needs_zoo"), [("halonet26t", False), ("davit_tiny", False), ("biformer_tiny", True)])
+def test_export_reads_back_the_way_the_output_says(tmp_path, capsys, name: str, needs_zoo: bool) -> None:
+    """timm architectures load in plain timm (a fresh process without zoo); zoo-only ones after `import zoo`."""
+    import subprocess
+    import sys
+
+    out_dir = tmp_path / name
+    assert main(["export", name, "--out", str(out_dir), "--num-classes", "3"]) == 0
+    said = capsys.readouterr().out
+    assert ("`import zoo` first" in said) == needs_zoo and ("no zoo needed" in said) != needs_zoo
+    load = f"import timm; m = timm.create_model('local-dir:{out_dir}', pretrained=True); print(type(m).__module__)"
+    plain = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
+    if needs_zoo:
+        assert plain.returncode != 0 and "Unknown model" in plain.stderr
+        with_zoo = subprocess.run([sys.executable, "-c", "import zoo; " + load], capture_output=True, text=True,
+                                  timeout=120)  # fmt: skip
+        assert with_zoo.returncode == 0 and with_zoo.stdout.strip().startswith("zoo."), with_zoo.stderr[-2000:]
+    else:
+        assert plain.returncode == 0 and plain.stdout.strip().startswith("timm."), plain.stderr[-2000:]
+
+
+def test_export_of_zoo_only_keywords_under_a_timm_name_is_refused(tmp_path) -> None:
+    from zoo.tools.export import export_model
+
+    model = zoo.create_model("halonet26t", num_classes=3, halo_pad_mask=True)
+    with pytest.raises(ValueError, match="no equivalent in timm's own halonet26t"):
+        export_model(model, tmp_path / "x")
+
+
+def test_zoo_classes_under_timm_names_is_an_opt_in(tmp_path) -> None:
+    """Default: timm's own HaloNet (block-grid sizes only); opt-in: zoo's any-size HaloNet, also through smp."""
+    assert type(timm.create_model("halonet26t")).__module__.startswith("timm.")
+    try:
+        assert "halonet26t" in zoo.use_zoo_in_timm("halonet26t")
+        model = timm.create_model("halonet26t", num_classes=3).eval()
+        assert type(model).__module__ == "zoo.models.halonet"
+        assert model(torch.randn(1, 3, 200, 168)).shape == (1, 3)  # not a multiple of the 256-px grid
+        smp = pytest.importorskip("segmentation_models_pytorch", reason="segmentation_models_pytorch not installed")
+        seg = smp.Unet(encoder_name="tu-halonet26t", encoder_weights=None, classes=2).eval()
+        assert any(type(m).__module__.startswith("zoo.") for m in seg.encoder.modules())
+        assert seg(torch.randn(1, 3, 160, 96)).shape == (1, 2, 160, 96)
+    finally:
+        zoo.restore_timm()
+    assert type(timm.create_model("halonet26t")).__module__.startswith("timm.")

@@ -133,7 +133,7 @@ def test_export_reads_back_in_timm_and_zoo(davit_reference, tmp_path) -> None:
     model = zoo.create_model(
         "davit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), num_classes=4
     ).eval()
-    out_dir = export_model(model, tmp_path / "export")
+    out_dir = export_model(model, tmp_path / "export").path
     assert (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()
     with torch.no_grad():
         expected = model(x)

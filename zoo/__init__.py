@@ -4,6 +4,8 @@
 Importing zoo registers its architectures (into timm's registry too, for names timm does not use).
 """
 
+import os as _os
+
 from ._factory import PretrainedWeightsUnavailableError, create_model, parse_model_name, resolve_pretrained_cfg
 from ._registry import (
     KINDS,
@@ -19,10 +21,15 @@ from ._registry import (
     model_entrypoint,
     model_kind,
     register_model,
+    restore_timm,
+    use_zoo_in_timm,
 )
 from .version import __version__
 
 from . import heads, models  # noqa: E402,F401  (registers the families)  isort: skip
+
+if _os.environ.get("ZOO_IN_TIMM"):  # opt-in, e.g. ZOO_IN_TIMM=halonet*: zoo's classes under timm's names
+    use_zoo_in_timm(_os.environ["ZOO_IN_TIMM"].split(","))
 
 __all__ = [
     "KINDS",
@@ -43,4 +50,6 @@ __all__ = [
     "parse_model_name",
     "register_model",
     "resolve_pretrained_cfg",
+    "restore_timm",
+    "use_zoo_in_timm",
 ]

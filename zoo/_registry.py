@@ -51,6 +51,9 @@ __all__ = [
     "get_arch_pretrained_cfgs",
     "split_model_name_tag",
     "close_model_names",
+    "restore_timm",
+    "timm_entrypoint_of",
+    "use_zoo_in_timm",
 ]
 
 # What each kind of entry promises; the contract tests in tests/ are parametrised over each kind.
@@ -169,6 +172,55 @@ def _timm_entrypoint(fn: Callable[..., Any]) -> Callable[..., Any]:
         return call_timm_entrypoint(fn, pretrained, kwargs)
 
     return entry
+
+
+_timm_originals: dict[str, Callable[..., Any]] = {}  # timm's own entrypoints replaced by use_zoo_in_timm
+
+
+def use_zoo_in_timm(patterns: str | Iterable[str] = "*") -> list[str]:
+    """Opt-in: ``timm.create_model(name)`` builds zoo's class for the zoo architectures that share a timm name.
+
+    zoo never replaces a timm entry by default: ``timm.create_model('halonet26t')`` is timm's class, which
+    needs inputs in multiples of its block grid. Users of timm's API (segmentation_models_pytorch ``tu-``
+    encoders, Hugging Face, timm's scripts) who want zoo's any-size HaloNets under timm's names call this (or
+    set ``ZOO_IN_TIMM=halonet*`` before ``import zoo``). zoo's classes load timm's checkpoints unchanged.
+
+    Args:
+        patterns: fnmatch pattern(s) over zoo's architecture names, e.g. ``'halonet*'``.
+
+    Returns:
+        the names now built by zoo through timm. ``restore_timm()`` undoes it.
+    """
+    from timm.models import _registry as timm_registry
+
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    switched = []
+    for name, entry in _entries.items():
+        if entry.in_timm or entry.kind != "backbone" or not timm.is_model(name):
+            continue  # zoo-only names are in timm already; heads never go there
+        if not any(fnmatch.fnmatch(name, p) for p in patterns):
+            continue
+        _timm_originals.setdefault(name, timm_registry._model_entrypoints[name])
+        timm_registry._model_entrypoints[name] = _timm_entrypoint(entry.fn)
+        switched.append(name)
+    return switched
+
+
+def restore_timm() -> list[str]:
+    """Undo ``use_zoo_in_timm``: timm's own entrypoints again; returns the names restored."""
+    from timm.models import _registry as timm_registry
+
+    names = list(_timm_originals)
+    for name in names:
+        timm_registry._model_entrypoints[name] = _timm_originals.pop(name)
+    return names
+
+
+def timm_entrypoint_of(name: str) -> Callable[..., Any] | None:
+    """timm's own entrypoint of ``name`` (even while ``use_zoo_in_timm`` replaced it); None if timm has none."""
+    from timm.models import _registry as timm_registry
+
+    return _timm_originals.get(name) or timm_registry._model_entrypoints.get(name)
 
 
 def register_external(

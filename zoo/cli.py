@@ -103,7 +103,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         checkpoint_path=args.checkpoint,
         num_classes=args.num_classes,
     )
-    print(export_model(model, args.out))
+    result = export_model(model, args.out)
+    print(result.path)
+    print(result.how_to_load())
     return 0
 
 
@@ -153,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="CSV file to append rows to")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("export", help="write model.safetensors + config.json readable by timm's local-dir:")
+    p = sub.add_parser(
+        "export",
+        help="write model.safetensors + config.json for timm's local-dir: (timm alone reads timm architectures; "
+        "zoo-only ones need `import zoo`)",
+    )
     p.add_argument("name")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--pretrained", action="store_true", help="load the cfg's weights first")
