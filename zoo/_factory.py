@@ -69,7 +69,7 @@ POSITIVE_ONLY = frozenset(
         "attn_dim", "head_dim", "num_heads", "global_heads", "n_win", "window_size", "output_stride",
         "num_queries", "d_out", "d_model", "dim_feedforward", "max_objects", "max_len", "grid", "crop_size",
         "pos_dim", "pos_table_dim", "pointer_heads", "pointer_dim", "num_branches", "num_landmarks",
-        "attn_size", "body_widths", "gate_chs", "qk_dims", "lce_kernel", "pos_sigma",
+        "attn_size", "body_widths", "gate_chs", "qk_dims", "lce_kernel", "pos_sigma", "pos_norm",
     }
 )  # fmt: skip
 # probabilities: dropout rates and the like, in [0, 1]

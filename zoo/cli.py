@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_wsi_cli(sub)  # zoo wsi info|extract|heatmap
     add_mil_cli(sub)  # zoo mil train
     add_probe_cli(sub)  # zoo probe
-    add_scanpath_cli(sub)  # zoo scanpath train|eval|predict
+    add_scanpath_cli(sub)  # zoo scanpath train|eval|predict|convert
     add_finetune_cli(sub)  # zoo finetune --task cxr
     add_mm_cli(sub)  # zoo det train, zoo seg train (mmdet / mmsegmentation)
     return parser

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import zoo
 import zoo.heads.probing  # noqa: F401  (registers the heads until zoo.heads imports them)
 import zoo.heads.scanpath  # noqa: F401
 from zoo.train import probe as probe_cli
@@ -61,6 +62,11 @@ def test_zoo_scanpath(tmp_path, capsys) -> None:
         ["scanpath", "train", *common, "--epochs", "2", "--model-kwargs", model_kwargs, "--out", str(out)]
     )
     assert args.func(args) == 0 and (out / "model_best.pt").is_file()
+    # model_best.pt loads through the factory's checkpoint route with the keywords it stores
+    best = torch.load(out / "model_best.pt", weights_only=True)
+    model = zoo.create_model("oat", checkpoint_path=out / "model_best.pt", **best["model_kwargs"])
+    assert model.state_dict().keys() == best["model"].keys()
+    assert all(torch.equal(v, best["model"][k]) for k, v in model.state_dict().items())
     args = _parser().parse_args(["scanpath", "eval", *common, "--checkpoint", str(out / "model_best.pt"),
                                  "--out", str(tmp_path / "eval.json")])  # fmt: skip
     assert args.func(args) == 0

@@ -1,4 +1,4 @@
-"""``zoo scanpath train|eval|predict``: train and evaluate a scanpath head (OAT) on object-level scanpaths.
+"""``zoo scanpath train|eval|predict|convert``: train and evaluate a scanpath head (OAT) on object-level scanpaths.
 
 Metrics (object-index sequences; OAT spec §6):
 
@@ -21,6 +21,10 @@ the validation behavioural delta of greedy decodes (patience 30), seed 1234: the
 (``zoo.train.checkpoint``), CSV metrics and progress (``zoo.train.metrics``) are the shared pieces. The
 split is a seeded shuffle 80/10/10 of the scanpaths (``--split-by display`` keeps displays disjoint).
 ``--data synthetic-coins`` trains on the seeded synthetic coins task of ``zoo.data.scanpath``.
+
+``zoo scanpath convert`` turns a checkpoint of the authors' code (HKUST-NISL/oat_eccv24: their Lightning
+``.ckpt`` plus the position table ``.npy`` it was trained with) into a file of the same format as ``train``'s
+``model_best.pt``, so ``eval`` / ``predict`` and ``zoo.create_model('oat', checkpoint_path=...)`` take it.
 """
 
 from __future__ import annotations
@@ -411,10 +415,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result["finished"] and (out / "model_best.pt").is_file():
         print(f"run in {out} already finished: nothing to do; weights in {out / 'model_best.pt'}")
         return 0
-    atomic_save(dict(model=model.state_dict(), model_kwargs=model._model_args, max_len=result["max_len"],
+    atomic_save(dict(model=model.state_dict(), model_kwargs=_saved_kwargs(model), max_len=result["max_len"],
                      name=args.model), out / "model_best.pt")  # fmt: skip
     best = result["best_val_behaviour_delta"]
     print(f"best validation behavioural delta {best:.4f}; weights in {out / 'model_best.pt'}")
+    return 0
+
+
+def _saved_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The model's constructor keywords as a file stores them: the table file is left out (its rows are the
+    ``pos_table`` entry of the state dict, so the file need not exist where the model is rebuilt)."""
+    return {k: v for k, v in model._model_args.items() if k != "pos_table_file"}
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import zoo
+
+    kwargs = dict(grid=tuple(args.grid), **parse_json_mapping(args.model_kwargs, "--model-kwargs"))
+    # the factory's checkpoint route: read without pickle, Lightning's state_dict unwrapped, the family's
+    # checkpoint_filter_fn maps the authors' keys and adds the table, then a strict load
+    model = zoo.create_model(args.model, checkpoint_path=args.checkpoint, pos_table_file=args.pos_table, **kwargs)
+    out = Path(args.out)
+    max_len = args.max_len or model.max_len
+    atomic_save(dict(model=model.state_dict(), model_kwargs=_saved_kwargs(model), max_len=max_len, name=args.model,
+                     source=str(args.checkpoint)), out)  # fmt: skip
+    print(f"converted {args.checkpoint} (+ {args.pos_table}) -> {out}; generation cap max_len={max_len}")
     return 0
 
 
@@ -472,8 +497,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``zoo scanpath train|eval|predict`` to the ``zoo`` command's sub-parsers."""
-    p = subparsers.add_parser("scanpath", help="train, evaluate or run a scanpath model (OAT)")
+    """Add ``zoo scanpath train|eval|predict|convert`` to the ``zoo`` command's sub-parsers."""
+    p = subparsers.add_parser("scanpath", help="train, evaluate, run or convert a scanpath model (OAT)")
     verbs = p.add_subparsers(dest="scanpath_command", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
@@ -514,4 +539,21 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q.add_argument("--max-len", type=int, default=None, help="maximum fixations (default: the training maximum)")
     q.add_argument("--out", default=None, help="write the scanpaths JSON here (default: stdout)")
     q.set_defaults(func=_cmd_predict)
+
+    q = verbs.add_parser(
+        "convert", help="the authors' Lightning checkpoint + position table -> a zoo file (model_best.pt format)"
+    )
+    q.add_argument("--checkpoint", required=True, help="the authors' .ckpt (HKUST-NISL/oat_eccv24, run.py)")
+    q.add_argument("--pos-table", required=True,
+                   help="the table it was trained with: their src/model/amazon_learned_random_PE.npy (Amazon) or "
+                   "learned_PE_random_2.npy (wine, yogurt)")  # fmt: skip
+    q.add_argument("--grid", type=positive_int, nargs=2, default=[6, 14], metavar=("ROWS", "COLS"),
+                   help="the display grid (Amazon 6 14, yogurt 3 9, wine 2 11)")  # fmt: skip
+    q.add_argument("--model", default="oat", help="scanpath entry (zoo list --kind scanpath)")
+    q.add_argument("--model-kwargs", default="{}", help="JSON kwargs besides the grid (their sizes are the defaults)")
+    q.add_argument("--max-len", type=positive_int, default=None,
+                   help="generation cap stored for eval / predict: their longest training scanpath (not in the "
+                   "checkpoint; default: the model's max_len)")  # fmt: skip
+    q.add_argument("--out", required=True, help="the zoo file to write (atomically)")
+    q.set_defaults(func=_cmd_convert)
     return p
