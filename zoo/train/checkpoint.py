@@ -26,6 +26,11 @@ Public API (stable; the MIL, probing and scanpath entry points import it):
   folder already holds: it refuses (naming ``--resume auto`` and ``--overwrite``) or, with ``overwrite``,
   removes that run's checkpoints and logs first. ``--resume FILE`` must not go back behind newer checkpoints
   of the folder.
+* Sharded checkpoints (FSDP on several processes): ``save_sharded(tensors, meta, step, metric, is_main)``
+  writes ``{prefix}_{step:08d}.dcp/`` with ``torch.distributed.checkpoint`` (each rank its shards, nothing
+  gathered on one process) plus ``meta.pt`` (the plain-data rest); ``load_sharded(target, directory)``
+  fills any state dict from it, sharded or whole, so a run resumes on another number of processes (2 -> 1,
+  1 -> 2). Its ``.metadata`` pickle is read by a restricted unpickler that admits only DCP's metadata classes.
 * ``capture_rng_state() -> dict`` / ``restore_rng_state(state)``: Python ``random``, NumPy, torch CPU and
   (when present) every CUDA device, so a resumed run draws the same random numbers as an uninterrupted one.
   Stored as tensors and plain Python values: loadable with ``weights_only=True``.
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -60,6 +66,7 @@ __all__ = [
     "capture_rng_state",
     "check_out_dir",
     "load_checkpoint_file",
+    "load_sharded",
     "prepare_run_folder",
     "restore_rng_state",
 ]
@@ -77,8 +84,99 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """A checkpoint file's content, loaded with ``weights_only=True`` (see ``zoo._io.safe_load``)."""
+    """A checkpoint's content, loaded with ``weights_only=True`` (see ``zoo._io.safe_load``).
+
+    A sharded checkpoint folder (``*.dcp``) gives its ``meta.pt`` with ``sharded_dir`` set: its tensors are
+    read into the caller's (possibly sharded) state dicts by ``load_sharded``.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        meta = safe_load(path / "meta.pt", map_location=map_location, what="checkpoint")
+        if isinstance(meta, dict):
+            meta["sharded_dir"] = str(path)
+        return meta
     return safe_load(path, map_location=map_location, what="checkpoint")
+
+
+# torch.distributed.checkpoint's .metadata is a plain pickle of these classes (and torch sizes, dtypes,
+# layouts, paths): anything else in it is refused, so a planted .metadata runs no code
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        raise UnsafeFileError(
+            f"sharded checkpoint metadata {self.path} was refused: it names {module}.{name}, which is not "
+            "checkpoint metadata (loading it would run code through pickle)"
+        )
+
+
+def _read_dcp_metadata(path: Path) -> Any:
+    """A DCP ``.metadata`` file through the restricted unpickler; clear errors naming it."""
+    if not path.is_file():
+        raise CorruptFileError(f"sharded checkpoint {path.parent} has no {path.name}: it is incomplete or not one")
+    with open(path, "rb") as f:
+        try:
+            return _MetadataUnpickler(f, path).load()
+        except UnsafeFileError:
+            raise
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as err:
+            raise CorruptFileError(f"sharded checkpoint metadata {path} is damaged ({err})") from None
+
+
+def _safe_dcp_reader(directory: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """DCP's reader with its one ``pickle.load`` (the metadata) replaced by the restricted unpickler."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = Path(self._get_metadata_path(kwargs.get("rank")))
+            metadata = _read_dcp_metadata(path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(directory))
+
+
+def load_sharded(target: dict[str, Any], directory: str | os.PathLike) -> None:
+    """Fill ``target`` (``{'model': state_dict, 'optimizer': ...}``, sharded or whole) from a ``*.dcp`` folder.
+
+    Works on any number of processes (DCP reshards), in one process without a process group too. Tensors are
+    read with ``weights_only``; the metadata by a restricted unpickler.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    directory = Path(directory)
+    _read_dcp_metadata(directory / ".metadata")  # refused or damaged: one clear error before DCP sees it
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process")
+        try:
+            dcp.load(target, storage_reader=_safe_dcp_reader(directory))
+        except CheckpointException as err:  # DCP gathers every rank's failure into one long report
+            first = next((line for line in str(err).splitlines() if "Error" in line), str(err).splitlines()[0])
+            raise CorruptFileError(f"sharded checkpoint {directory} cannot be read: {first.strip()}") from None
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -138,8 +236,11 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.mode = mode
         self.prefix = prefix
-        self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)\.pt$")
+        self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)\.(?:pt|dcp)$")
         clean_temporaries(self.directory)  # what an interrupted save left behind
+        if self.directory.is_dir():  # and an interrupted sharded save (a folder)
+            for partial in self.directory.glob(f".{prefix}_*.dcp.partial"):
+                shutil.rmtree(partial, ignore_errors=True)
         self._best_metric: float | None = None
         self._best_known = False
         if self.best_path.is_file() and not self._best_record.is_file():
@@ -148,6 +249,10 @@ class CheckpointManager:
     @property
     def best_path(self) -> Path:
         return self.directory / f"{self.prefix}_best.pt"
+
+    @property
+    def best_sharded_path(self) -> Path:
+        return self.directory / f"{self.prefix}_best.dcp"
 
     @property
     def _best_record(self) -> Path:
@@ -187,21 +292,33 @@ class CheckpointManager:
         if not self.directory.is_dir():
             return []
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := self._pattern.match(p.name))]
-        return [p for _, p in sorted(found)]
+        return [p for _, p in sorted(found, key=lambda item: item[0])]
 
     def latest_path(self) -> Path | None:
         paths = self.list_checkpoints()
         return paths[-1] if paths else None
 
     def run_files(self) -> list[Path]:
-        """Every checkpoint file of this manager in its folder (step files, best file and its record)."""
-        return self.list_checkpoints() + [p for p in (self.best_path, self._best_record) if p.is_file()]
+        """Every checkpoint of this manager in its folder (step files or folders, the best one and its record)."""
+        best = (self.best_path, self.best_sharded_path, self._best_record)
+        return self.list_checkpoints() + [p for p in best if p.exists()]
 
     def remove_all(self) -> None:
         """Delete this manager's checkpoints (``--overwrite``); other files in the folder are left alone."""
         for path in self.run_files():
-            path.unlink(missing_ok=True)
+            _remove(path)
         self.best_metric = None
+
+    def _prune(self, step: int) -> None:
+        if self.keep_last:
+            # only checkpoints up to this step: never the one just written, never a newer one (another run's)
+            older = [p for p in self.list_checkpoints() if self._step_of(p) < step]
+            for old in older[: max(0, len(older) - (self.keep_last - 1))]:
+                _remove(old)
+
+    def _record_best(self, step: int, metric: float) -> None:
+        with atomic_write(self._best_record) as tmp:
+            tmp.write_text(json.dumps(dict(step=step, metric=metric)))
 
     def _is_better(self, metric: float) -> bool:
         if self.best_metric is None:
@@ -216,14 +333,53 @@ class CheckpointManager:
             self.best_metric = metric
             with atomic_write(self.best_path) as tmp:  # never half-written either
                 shutil.copyfile(path, tmp)
-            with atomic_write(self._best_record) as tmp:
-                tmp.write_text(json.dumps(dict(step=step, metric=metric)))
-        if self.keep_last:
-            # only files up to this step: never the one just written, never a newer one (another run's)
-            older = [p for p in self.list_checkpoints() if self._step_of(p) < step]
-            for old in older[: max(0, len(older) - (self.keep_last - 1))]:
-                old.unlink(missing_ok=True)
+            self._record_best(step, metric)
+        self._prune(step)
         return path
+
+    def save_sharded(
+        self,
+        tensors: dict[str, Any],
+        meta: dict[str, Any],
+        step: int,
+        metric: float | None = None,
+        is_main: bool = True,
+    ) -> Path:
+        """A collective: every rank writes its shards of ``tensors`` into ``{prefix}_{step:08d}.dcp/``.
+
+        ``meta`` (plain data: scheduler, RNG states, config...) goes to ``meta.pt`` inside, written by rank 0.
+        The folder is built under a temporary name and renamed when complete; the best one is copied to
+        ``{prefix}_best.dcp``. Older folders are pruned as step files are.
+        """
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        final = self.directory / f"{self.prefix}_{step:08d}.dcp"
+        partial = self.directory / f".{final.name}.partial"  # the same name on every rank
+        if is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        if dist.is_initialized():
+            dist.barrier()
+        dcp.save(tensors, checkpoint_id=str(partial))
+        if dist.is_initialized():
+            dist.barrier()
+        if is_main:
+            atomic_save(dict(meta, step=step, metric=metric, sharded=True), partial / "meta.pt")
+            _remove(final)
+            os.replace(partial, final)  # a reader sees a complete folder or none
+            if metric is not None and self._is_better(metric):
+                self.best_metric = metric
+                copy = self.directory / f".{self.best_sharded_path.name}.partial"
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(final, copy)
+                _remove(self.best_sharded_path)
+                os.replace(copy, self.best_sharded_path)
+                self._record_best(step, metric)
+            self._prune(step)
+        if dist.is_initialized():
+            dist.barrier()
+        return final
 
     def load_latest(self, map_location: Any = "cpu") -> dict[str, Any] | None:
         """The newest step checkpoint that loads; corrupt/truncated newer files are skipped with a warning.
@@ -234,7 +390,7 @@ class CheckpointManager:
         for path in reversed(self.list_checkpoints()):
             try:
                 state = load_checkpoint_file(path, map_location=map_location)
-            except CorruptFileError as err:
+            except (CorruptFileError, FileNotFoundError) as err:
                 warnings.warn(f"checkpoint {path} is corrupt or truncated ({err}); falling back to the previous one",
                               stacklevel=2)  # fmt: skip
                 continue
@@ -252,7 +408,7 @@ class CheckpointManager:
         if resume == "auto":
             return self.load_latest(map_location=map_location)
         path = Path(resume)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(
                 f"--resume {resume}: no such file; pass 'auto' to use the newest in {self.directory}"
             )
@@ -264,6 +420,14 @@ class CheckpointManager:
             )
         state["path"] = str(path)
         return state
+
+
+def _remove(path: Path) -> None:
+    """A checkpoint file or a sharded checkpoint folder."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _is_relative_to(path: Path, folder: Path) -> bool:
@@ -337,7 +501,7 @@ def prepare_run_folder(
     if resume != "auto":
         path = Path(resume)
         latest = manager.latest_path()
-        if latest is not None and path.is_file() and latest.resolve() != path.resolve():
+        if latest is not None and path.exists() and latest.resolve() != path.resolve():
             inside = _is_relative_to(path, manager.directory)
             newer = [p for p in manager.list_checkpoints() if not inside or manager._step_of(p) > _step_or(path)]
             if newer:
@@ -353,5 +517,5 @@ def prepare_run_folder(
 
 
 def _step_or(path: Path, default: int = -1) -> int:
-    match = re.search(r"_(\d+)\.pt$", path.name)
+    match = re.search(r"_(\d+)\.(?:pt|dcp)$", path.name)
     return int(match.group(1)) if match else default

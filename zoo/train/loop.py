@@ -29,7 +29,15 @@ import zoo
 from .._io import atomic_write_text, load_state_dict_checked
 from .._registry import close_model_names
 from . import data as data_lib
-from .checkpoint import CheckpointManager, capture_rng_state, check_out_dir, prepare_run_folder, restore_rng_state
+from .checkpoint import (
+    CheckpointManager,
+    atomic_save,
+    capture_rng_state,
+    check_out_dir,
+    load_sharded,
+    prepare_run_folder,
+    restore_rng_state,
+)
 from .config import Config, dump_config
 from .distributed import (
     DistInfo,
@@ -155,7 +163,14 @@ class EpochTotals:
     skipped: int = 0
 
 
-RUN_LOGS = ("metrics.csv", "steps.csv", "curves.png", "tb", "wandb")  # what --overwrite removes besides checkpoints
+RUN_LOGS = (
+    "metrics.csv",
+    "steps.csv",
+    "curves.png",
+    "tb",
+    "wandb",
+    "model_final.pt",
+)  # what --overwrite removes besides checkpoints
 
 
 class Trainer:
@@ -301,33 +316,32 @@ class Trainer:
             seed_everything(cfg.loop.seed, dist_info.rank)
 
     # ----------------------------------------------------------------------------------------- state
-    def _state_dict(self) -> dict[str, Any]:
-        if self.fsdp:  # gather full (unsharded) tensors on CPU: the file is the same for any world size
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    @property
+    def sharded(self) -> bool:
+        """FSDP on several processes: checkpoints are sharded (torch.distributed.checkpoint), never gathered."""
+        return self.fsdp and self.dist.world_size > 1
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        else:
-            model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
+    def _state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, the weights whole (one process, or DDP). The optimizer state is keyed by
+        parameter name (torch.distributed.checkpoint's layout), so FSDP on any number of processes reads it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True))
+        return dict(model=model_sd, optimizer=optim_sd, **self._meta_state())
+
+    def _meta_state(self) -> dict[str, Any]:
+        """Everything but the weights and the optimizer's tensors: plain data (a collective: RNG states)."""
         return dict(
-            model=model_sd,
-            optimizer=optim_sd,
             scheduler=self.scheduler.state_dict(),
             ema=self.ema.state_dict() if self.ema is not None else None,
             scaler=self.scaler.state_dict(),
             sampler=dict(epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch),
             epoch_totals=dataclasses.asdict(self.epoch_totals),
-            metrics=self.last_metrics,
             wandb_id=self.logger.wandb_id if self.dist.is_main else None,
             rng=gather_rng_states(),
             epoch=self.state.epoch,
             train_time=self.state.train_time,
-            config=self.cfg.to_dict(),
-            classes=self.data.classes,
-            model_name=self.cfg.model.name,
-            num_classes=self.data.num_classes,
-            in_chans=self.data.in_chans,
-            data_config=self.data.data_config,
+            **self._inference_meta(),
         )
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -337,7 +351,14 @@ class Trainer:
                 f"checkpoint {state['path']} is a run of {trained}, not {self.cfg.model.name}; resume with "
                 f"--model {trained}, or start a new run in another --out"
             )
-        if self.fsdp:
+        if state.get("sharded_dir"):  # written by several FSDP processes: read into this run's layout (resharded)
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            target = dict(model=model_sd, optimizer=optim_sd)
+            load_sharded(target, state["sharded_dir"])
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        elif self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             set_state_dict(
@@ -348,8 +369,16 @@ class Trainer:
                 options=StateDictOptions(full_state_dict=True),
             )
         else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
             load_state_dict_checked(self.model, state["model"], f"checkpoint {state['path']}")
-            self.optimizer.load_state_dict(state["optimizer"])
+            optim_sd = state["optimizer"]
+            if all(isinstance(k, int) for k in optim_sd.get("state", {})) and optim_sd.get("state"):
+                self.optimizer.load_state_dict(optim_sd)  # written before name-keyed optimizer states
+            else:
+                set_optimizer_state_dict(
+                    self.model, self.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True)
+                )
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -383,10 +412,44 @@ class Trainer:
         )
 
     def save(self, metric: float | None = None) -> None:
-        state = self._state_dict()  # collective under FSDP: every rank calls it
+        """A checkpoint at this step: every rank calls it (collectives); sharded under multi-process FSDP."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # this rank's shards
+            tensors = dict(model=model_sd, optimizer=optim_sd)
+            self.ckpt.save_sharded(tensors, self._meta_state(), self.state.step, metric, self.dist.is_main)
+            return
+        state = self._state_dict()
         if self.dist.is_main:
             self.ckpt.save(state, self.state.step, metric=metric)
         barrier()
+
+    def export_consolidated(self) -> Path | None:
+        """Sharded runs: the whole model once, for inference (``OUT/model_final.pt``; ``zoo validate`` and
+        ``create_model(checkpoint_path=...)`` read it). A collective; None when the run is not sharded."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.model, options=options)
+        path = self.out / "model_final.pt"
+        if self.dist.is_main:
+            atomic_save(dict(self._inference_meta(), model=model_sd, step=self.state.step), path)
+        barrier()
+        return path
+
+    def _inference_meta(self) -> dict[str, Any]:
+        return dict(
+            config=self.cfg.to_dict(),
+            classes=self.data.classes,
+            model_name=self.cfg.model.name,
+            num_classes=self.data.num_classes,
+            in_chans=self.data.in_chans,
+            data_config=self.data.data_config,
+            metrics=self.last_metrics,
+        )
 
     # ------------------------------------------------------------------------------------------ loop
     def train_epoch(self) -> dict[str, float]:
@@ -604,6 +667,7 @@ class Trainer:
                 self.save()
             if stopping:
                 break
+        self.export_consolidated()  # sharded runs: the whole model once, for inference
         self.logger.close()
         if self.dist.is_main and cfg.log.plot and self.logger.csv_path and self.logger.csv_path.is_file():
             try:

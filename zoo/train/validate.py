@@ -22,7 +22,7 @@ import zoo
 
 from .._io import load_state_dict_checked
 from ..data.embedded import EmbeddedDataset, canonical_name, load_embedded
-from .checkpoint import load_checkpoint_file
+from .checkpoint import load_checkpoint_file, load_sharded
 from .data import SafeImageFolder, build_eval_loader, check_image_folder
 from .loop import check_model_name
 
@@ -75,6 +75,10 @@ def _load_checkpoint(path: str | Path, use_ema: bool) -> tuple[dict[str, torch.T
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
+    if ckpt.get("sharded_dir"):  # an FSDP run's folder: weights are read after the model is built
+        if use_ema:
+            raise ValueError(f"--use-ema: sharded checkpoint {path} has no EMA weights (FSDP runs keep none)")
+        return {}, ckpt
     if "model" in ckpt and isinstance(ckpt["model"], dict):  # zoo train
         if use_ema:
             if not ckpt.get("ema"):
@@ -143,7 +147,7 @@ def validate(
     if checkpoint and pretrained:
         raise ValueError("pass --checkpoint or --pretrained, not both")
     state, meta = _load_checkpoint(checkpoint, use_ema) if checkpoint else ({}, {})
-    if checkpoint and not state:
+    if checkpoint and not state and not meta.get("sharded_dir"):
         raise ValueError(f"checkpoint {checkpoint} holds no weights (its state dict is empty)")
     trained = meta.get("model_name")
     if trained and trained.split(".")[0] != name.split(".")[0]:
@@ -163,6 +167,10 @@ def validate(
     model = zoo.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if state:
         load_state_dict_checked(model, state, f"checkpoint {checkpoint}", model_name=name)
+    elif meta.get("sharded_dir"):
+        weights = model.state_dict()
+        load_sharded({"model": weights}, meta["sharded_dir"])
+        load_state_dict_checked(model, weights, f"checkpoint {checkpoint}", model_name=name)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
 
