@@ -3,17 +3,22 @@
 Parametrised from ``zoo.list_models(kind='backbone')`` as timm's ``tests/test_models.py`` is from its
 registry: registering a family adds it to this matrix with no extra code. Inputs are small (the cfg's
 ``min_input_size`` is respected); the cfg input size is used only where the contract names it
-(``pool_size``). Variants too large for a 2-core CI runner are marked ``slow`` (``make test-slow``).
+(``pool_size``). Variants too large for a 2-core CI runner are marked ``slow`` (``make test-slow``), and so are,
+per test, the ones a test measured above ~3 s (``FX_SLOW``, ``COMPILE_SLOW``). Every route out of the zoo is
+checked against eager: ``features_only``, timm's FX feature extraction, ``torch.export``, ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
+from collections.abc import Sequence
 
 import pytest
 import safetensors.torch
 import torch
+from timm.models import FeatureGraphNet
 
 import zoo
 
@@ -21,9 +26,19 @@ import zoo
 LARGE = ["*large*", "*huge*", "*giant*", "*_h5", "*_h6", "*_h7"]
 BACKBONES = zoo.list_models(kind="backbone", exclude_filters=LARGE)
 LARGE_BACKBONES = sorted(set(zoo.list_models(kind="backbone")) - set(BACKBONES))
-PARAMS = [pytest.param(n, id=n) for n in BACKBONES] + [
-    pytest.param(n, id=n, marks=pytest.mark.slow) for n in LARGE_BACKBONES
-]
+
+
+def _params(slow: Sequence[str] = ()) -> list:
+    """Every backbone; the large ones, and those matching a ``slow`` pattern (a test's own cost), marked slow."""
+    return [
+        pytest.param(n, id=n, marks=pytest.mark.slow)
+        if any(fnmatch.fnmatch(n, p) for p in slow)
+        else pytest.param(n, id=n)
+        for n in BACKBONES
+    ] + [pytest.param(n, id=n, marks=pytest.mark.slow) for n in LARGE_BACKBONES]
+
+
+PARAMS = _params()
 
 MAX_CFG_SIZE = 384  # the pool_size check runs at the cfg size, scaled down above this
 SMALL = 96  # forward / features size target (timm uses 96 for features, 128 for backward)
@@ -209,3 +224,86 @@ def test_torch_export(name: str) -> None:
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def _wrapper_free_key(key: str) -> str:
+    """A state-dict key as every ``features_only`` wrapper of one model spells it: without the ``model.`` /
+    ``graph_module.`` prefix, without ``.`` and ``_`` (``FeatureListNet`` flattens ``stages.0`` to ``stages_0``)."""
+    for prefix in ("model.", "graph_module."):
+        key = key.removeprefix(prefix)
+    return key.replace(".", "").replace("_", "")
+
+
+def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Load ``src``'s parameters and buffers into ``dst``, two feature wrappers of the same architecture."""
+    by_key = {_wrapper_free_key(k): v for k, v in src.state_dict().items()}
+    assert len(by_key) == len(src.state_dict()), "state-dict keys collide once normalised"
+    missing = [k for k in dst.state_dict() if _wrapper_free_key(k) not in by_key]
+    assert not missing, f"no source weight for {missing[:5]}"
+    dst.load_state_dict({k: by_key[_wrapper_free_key(k)] for k in dst.state_dict()})
+
+
+def _randomise_batch_norms(model: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm affine and statistics: zero-initialised last BNs (timm's ``zero_init_last``) would
+    hide every residual branch from an output comparison."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+# > ~3 s each (measured on one core: 4.5-6 s, the model build dominates); the rest take 0.4-2.7 s
+FX_SLOW = ["davit_small", "davit_base*"]
+
+
+@pytest.mark.parametrize("name", _params(slow=FX_SLOW))
+def test_fx_feature_extraction_matches_eager(name: str) -> None:
+    """timm's FX feature extractor (``features_only=True, feature_cls='fx'``: ``FeatureGraphNet``, a torch.fx trace
+    with timm's leaf modules and functions) builds and returns the eager ``features_only`` maps.
+
+    Same weights (the eager model's, BatchNorms randomised, copied into the traced one), eval mode, the smallest
+    input of the other tests (64 px, or the fixed size); fp32, 1e-5 (measured: bitwise equal).
+    """
+    x = torch.randn(1, *_input_size(name, 64))
+    eager = zoo.create_model(name, features_only=True).eval()  # not _create: no cache to share, no deepcopy
+    fx = zoo.create_model(name, features_only=True, feature_cls="fx").eval()
+    assert isinstance(fx, FeatureGraphNet)
+    _randomise_batch_norms(eager)
+    _copy_weights(eager, fx)
+    assert fx.feature_info.channels() == eager.feature_info.channels()
+    assert fx.feature_info.reduction() == eager.feature_info.reduction()
+    with torch.no_grad():
+        expected, got = eager(x), fx(x)
+    expected = list(expected.values()) if isinstance(expected, dict) else expected
+    assert len(got) == len(expected) == len(fx.feature_info.channels())
+    for level, (out, ref) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m, i=level: f"level {i}: {m}")
+
+
+# Dynamo traces every block in Python: 3-12 s a model on one core. By default only the cheapest member of each
+# forward code path runs (biformer_tiny 5.5 s, davit_tiny 4 s, halonet26t 3 s, lamhalobotnet50ts_256 5 s for the
+# lambda / bottleneck-attention hybrids, medusa_resnet18 3.5 s); the rest repeat those blocks (the paper's
+# halonet_h* only change widths) and run with `make test-slow`.
+COMPILE_SLOW = [
+    "biformer_base", "biformer_small", "biformer_stl", "davit_small", "davit_base*", "halonet_h*", "halonet50ts",
+    "sehalonet33ts", "eca_halonext26ts", "haloregnetz_b", "halo2botnet50ts_256", "medusa_resnet50",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", _params(slow=COMPILE_SLOW))
+def test_torch_compile_fullgraph(name: str) -> None:
+    """``torch.compile(fullgraph=True)`` captures the whole eval forward (a graph break raises) and matches eager.
+
+    ``aot_eager``: dynamo capture and AOT autograd tracing without code generation (inductor's C++ build takes
+    about a minute per model on 2 cores); fp32, 1e-4 as ``test_torch_export``.
+    """
+    model = _create(name)
+    x = torch.randn(1, *_input_size(name, 64))
+    torch._dynamo.reset()  # no cache or recompile limit carried over from the previous model
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)

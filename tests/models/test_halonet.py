@@ -7,12 +7,14 @@ definition of halo attention written here (independent of timm's unfold and of z
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import timm
 import torch
 from timm.layers.halo_attn import HaloAttn
+from timm.models import FeatureGraphNet, FeatureListNet
 
 import zoo
 import zoo.models.halonet as halonet  # until zoo.models imports it
@@ -258,6 +260,25 @@ def test_fixed_size_hybrid_names_the_size_it_needs() -> None:
     model = zoo.create_model("halo2botnet50ts_256").eval()
     with pytest.raises(ValueError, match="256x256"):
         model(torch.randn(1, 3, 224, 224))
+
+
+@pytest.mark.parametrize("name", sorted(FIXED))
+def test_fixed_size_hybrid_fx_features_and_size_check(name: str) -> None:
+    """timm's FX feature extractor traces the fixed-size hybrids (the size check is a leaf: it compares sizes when
+    the graph runs, not the Proxies of the trace) and returns the eager ``features_only`` maps (fp32, 1e-5); the
+    traced graph still names the size it needs. Built at ``img_size=64``: the same layers at a cheap size."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, img_size=64).eval()
+    _randomise_norms(model)
+    levels = tuple(range(len(model.feature_info)))
+    eager = FeatureListNet(copy.deepcopy(model), levels, flatten_sequential=True).eval()  # as features_only=True
+    fx = FeatureGraphNet(copy.deepcopy(model), levels).eval()  # as features_only=True, feature_cls="fx"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for out, ref in zip(fx(x), eager(x), strict=True):
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="input 96x64 .* resize the input to 64x64"):
+            fx(torch.randn(1, 3, 96, 64))
 
 
 @pytest.mark.parametrize("name", ["halonet26t", "haloregnetz_b", "halonet_h0"])

@@ -6,8 +6,11 @@ what is MEDUSA-specific. Small inputs and the small variant keep it fast.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from timm.models import FeatureGraphNet, FeatureHookNet
 
 import zoo
 import zoo.models.medusa as medusa  # noqa: F401  (explicit until zoo.models imports it)
@@ -106,7 +109,7 @@ def test_options_fusion_gate_channels_and_backbone_choice() -> None:
         assert model(x).shape == (1, 2)
     assert [g.shape[1] for g in gates] == [128, 256, 512] and len(model.heads) == 3
     halo = Medusa(backbone="halonet26t", backbone_indices=(1, 2, 3), **SMALL)  # a zoo backbone by name
-    assert halo.feature_info[0]["module"] == "backbone.stages_0" and halo(x).shape == (1, 2)
+    assert "stages_0" in halo.backbone and halo(x).shape == (1, 2)  # halonet26t's flattened stage
     with pytest.raises(ValueError, match="fusion"):
         Medusa(backbone="resnet18", fusion="add", **SMALL)
     with pytest.raises(ValueError, match="module-sequence"):
@@ -133,3 +136,25 @@ def test_timm_conventional_kwargs_drop_path_rate_device_dtype() -> None:
     assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {"meta"}
     double = zoo.create_model("medusa_resnet18", dtype=torch.float64)
     assert {p.dtype for p in double.parameters()} == {torch.float64}
+
+
+@pytest.mark.parametrize("fusion", ["residual", "multiply"])
+def test_fx_and_hook_feature_extraction_return_the_gated_maps(fusion: str) -> None:
+    """timm's FX (``FeatureGraphNet``) and hook (``FeatureHookNet``) extractors return the gated stage maps of
+    ``forward_intermediates`` (each ``feature_info`` level names the fusion module whose output it is), and the
+    traced graph keeps the two-input form (``x_attn`` decided when it runs, not when it is traced). fp32, 1e-6."""
+    torch.manual_seed(0)
+    model = Medusa(backbone="resnet18", fusion=fusion, **SMALL).eval()
+    assert [level["module"] for level in model.feature_info] == [f"fusions.{i}" for i in range(4)]
+    x, x_attn = torch.randn(1, 3, 64, 48), torch.randn(1, 1, 64, 64)
+    fx = FeatureGraphNet(copy.deepcopy(model), out_indices=(0, 1, 2, 3)).eval()
+    hooks = FeatureHookNet(copy.deepcopy(model), out_indices=(0, 1, 2, 3)).eval()
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, intermediates_only=True)
+        expected_two_inputs = model.forward_intermediates(x, x_attn=x_attn, intermediates_only=True)
+        outputs = {"fx": fx(x), "hook": hooks(x), "fx two inputs": list(fx.graph_module(x, x_attn).values())}
+    for route, got in outputs.items():
+        want = expected_two_inputs if route == "fx two inputs" else expected
+        assert len(got) == 4, route
+        for out, ref in zip(got, want):
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, msg=lambda m, r=route: f"{r}: {m}")

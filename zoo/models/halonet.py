@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, _assert
-from timm.layers._fx import register_notrace_module
+from timm.layers._fx import register_notrace_function, register_notrace_module
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.halo_attn import HaloAttn
 from timm.models import build_model_with_cfg, generate_default_cfgs
@@ -321,6 +321,24 @@ def _with_zoo_halo(cfg: ByoModelCfg, halo_layer: Any) -> ByoModelCfg:
     return replace(cfg, blocks=tuple(swap_block(b) for b in cfg.blocks), self_attn_layer=swap(cfg.self_attn_layer))
 
 
+@register_notrace_function  # for timm's FX feature extraction (autowrapped by identity) ...
+@torch.fx.wrap  # ... and for any torch.fx trace: called from HaloNet, whose forward is ByobNet's (not autowrapped)
+def _check_fixed_input_size(x: torch.Tensor, fixed_size: tuple[int, int]) -> torch.Tensor:
+    """``x`` unchanged if its map is ``fixed_size``, else a ValueError naming both sizes.
+
+    A leaf under torch.fx: the sizes are compared (and written into the message) when the graph runs, not when
+    it is traced (a traced size is a Proxy that cannot be iterated or turned into a bool). Returns ``x`` so the
+    check is a data dependency that dead-code elimination keeps.
+    """
+    if x.shape[-2] != fixed_size[0] or x.shape[-1] != fixed_size[1]:
+        fh, fw = fixed_size
+        raise ValueError(
+            f"input {x.shape[-2]}x{x.shape[-1]} does not fit this model: its bottleneck-attention layer has "
+            f"relative positions for a {fh}x{fw} input (fixed_input_size); resize the input to {fh}x{fw}"
+        )
+    return x
+
+
 class HaloNet(ByobNet):
     """timm's ``ByobNet`` with zoo's halo layer (:class:`ZooHaloAttn`); timm's model contract, timm's keys.
 
@@ -363,17 +381,15 @@ class HaloNet(ByobNet):
             if isinstance(module, ZooHaloAttn):
                 module.pad_mask = pad_mask
 
-    def _check_input_size(self, x: torch.Tensor) -> None:
-        if self.fixed_input_size is not None and tuple(x.shape[-2:]) != self.fixed_input_size:
-            fh, fw = self.fixed_input_size
-            raise ValueError(
-                f"input {x.shape[-2]}x{x.shape[-1]} does not fit this model: its bottleneck-attention layer has "
-                f"relative positions for a {fh}x{fw} input (fixed_input_size); resize the input to {fh}x{fw}"
-            )
+    def _check_input_size(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` unchanged, after the fixed-size check of the hybrids (none for the other models)."""
+        if self.fixed_input_size is None:
+            return x
+        return _check_fixed_input_size(x, self.fixed_input_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W) -> (B, num_features, ceil(H / 32), ceil(W / 32))``."""
-        self._check_input_size(x)
+        x = self._check_input_size(x)
         return super().forward_features(x)
 
     def forward_intermediates(
@@ -387,7 +403,7 @@ class HaloNet(ByobNet):
         exclude_final_conv: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's ``forward_intermediates``: NCHW maps of 5 levels (stem at stride 2, stages at 4, 8, 16, 32)."""
-        self._check_input_size(x)
+        x = self._check_input_size(x)
         return super().forward_intermediates(
             x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
             intermediates_only=intermediates_only, exclude_final_conv=exclude_final_conv,

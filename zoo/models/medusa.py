@@ -26,7 +26,8 @@ Assumptions (all configurable through :class:`Medusa`'s arguments):
    default: a spatial map; ``gate_chs='stage'`` gives one map per stage channel) -> sigmoid -> A_i.
 3. **Fusion**: ``F_i <- F_i * (1 + A_i)`` (``fusion='residual'``, default: the backbone path is never
    switched off, safer to train from a pretrained backbone) or ``F_i <- F_i * A_i`` (``fusion='multiply'``).
-   The gated F_i is what stage i+1 receives, so attention compounds across scales.
+   The gated F_i is what stage i+1 receives, so attention compounds across scales; it is the output of module
+   ``fusions.i``, which ``feature_info`` names (so FX- and hook-based feature extraction return it).
 4. **Backbone**: timm's ``resnet50`` by default (the released CXR-3 uses a COVID-Net design; the backbone
    for the RICORD / RSNA results is unverified). Any zoo or timm model whose ``features_only`` wrapper is a
    ``FeatureListNet`` / ``FeatureDictNet`` (module-sequence extractors: ResNets, ConvNeXts, ByobNets
@@ -50,7 +51,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, trunc_normal_
+from timm.layers import ClassifierHead, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import FeatureDictNet, feature_take_indices
 from torch import nn
@@ -103,6 +104,8 @@ def per_image_standardize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (x - mean) / std.clamp_min(eps)
 
 
+@register_notrace_function  # a leaf for timm's FX feature extraction: it branches on sizes, Proxies when traced
+@torch.fx.wrap  # ... and for any other torch.fx trace
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Area pooling when shrinking (no aliasing), bilinear otherwise. ``(B, C, h, w) -> (B, C, *size)``."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -110,6 +113,17 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
         return F.adaptive_avg_pool2d(x, size)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@register_notrace_function  # a leaf for torch.fx: whether x_attn is None is known only when the graph runs ...
+@torch.fx.wrap  # ... (tracing turns the optional argument into a Proxy placeholder, never None)
+def _body_input(x: torch.Tensor, x_attn: torch.Tensor | None, attn_size: tuple[int, int]) -> torch.Tensor:
+    """``x_attn``, or when it is None the body input derived from ``x``: channel mean -> bilinear resize to
+    ``attn_size`` -> per-image z-score. ``(B, C, H, W)`` -> ``(B, 1, *attn_size)``."""
+    if x_attn is not None:
+        return x_attn
+    gray = F.interpolate(x.mean(1, keepdim=True), size=attn_size, mode="bilinear", align_corners=False)
+    return per_image_standardize(gray)
 
 
 class ConvBnAct(nn.Sequential):
@@ -206,6 +220,22 @@ class AttentionHead(nn.Module):
         return torch.sigmoid(self.gate(_resize(self.conv(x), size)))
 
 
+class GateFusion(nn.Module):
+    """Fusion of a stage map with its gate (assumption 3): ``F * (1 + A)`` (residual) or ``F * A`` (multiply).
+
+    A module (without parameters) so that the gated map -- a ``feature_info`` level -- is the output of a named
+    module, which hook- and FX-based feature extraction return. ``(B, C, H, W)``, ``(B, 1 or C, H, W)`` -> ``(B, C,
+    H, W)``.
+    """
+
+    def __init__(self, fusion: str = "residual") -> None:
+        super().__init__()
+        self.residual = fusion == "residual"
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return x * (1.0 + gate) if self.residual else x * gate
+
+
 def _create_backbone(name: str, indices: Sequence[int], in_chans: int, pretrained: bool, **kwargs: Any) -> nn.Module:
     """A ``features_only`` module-sequence extractor of any zoo (first) or timm model."""
     from .._factory import create_model  # late: zoo.models is imported while zoo is
@@ -294,9 +324,9 @@ class Medusa(nn.Module):
             self._stage_of[name] = stage
             if name in self.backbone.return_layers:
                 stage += 1
+        # a level is the gated map, the output of fusions.i (not of the backbone module it gates)
         self.feature_info = [
-            dict(num_chs=c, reduction=r, module=f"backbone.{n}")
-            for c, r, n in zip(chs, reductions, self.backbone.return_layers)
+            dict(num_chs=c, reduction=r, module=f"fusions.{i}") for i, (c, r) in enumerate(zip(chs, reductions))
         ]
         self.num_features = self.head_hidden_size = chs[-1]
         with torch.device(device) if device is not None else contextlib.nullcontext():
@@ -304,6 +334,7 @@ class Medusa(nn.Module):
             self.heads = nn.ModuleList(
                 [AttentionHead(self.body.out_chs, c if gate_chs == "stage" else int(gate_chs)) for c in chs]
             )
+            self.fusions = nn.ModuleList([GateFusion(fusion) for _ in chs])
             self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
             self._init_weights()
         if dtype is not None:
@@ -354,9 +385,7 @@ class Medusa(nn.Module):
 
         ``(B, C, H, W)`` -> ``(B, 1, *attn_size)``.
         """
-        gray = x.mean(1, keepdim=True)
-        gray = F.interpolate(gray, size=self.attn_size, mode="bilinear", align_corners=False)
-        return per_image_standardize(gray)
+        return _body_input(x, None, self.attn_size)
 
     def _run(self, fn: nn.Module, *args: Any) -> Any:
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
@@ -368,7 +397,7 @@ class Medusa(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run the gated backbone. Returns (gated stage outputs, gates), each with one ``(B, C_i, H_i, W_i)``
         (gates: ``(B, 1 or C_i, H_i, W_i)``) per stage up to ``stop`` (inclusive; all when None)."""
-        body = self._run(self.body, self.attention_input(x) if x_attn is None else x_attn)
+        body = self._run(self.body, _body_input(x, x_attn, self.attn_size))
         feats, gates = [], []
         for name, module in self.backbone.items():
             inplace = getattr(module, "inplace", False) is True
@@ -376,7 +405,7 @@ class Medusa(nn.Module):
             if name in self.backbone.return_layers:
                 i = len(feats)
                 a = self._run(self.heads[i], body, (x.shape[-2], x.shape[-1]))
-                x = x * (1.0 + a) if self.fusion == "residual" else x * a
+                x = self.fusions[i](x, a)
                 feats.append(x)
                 gates.append(a)
                 if stop is not None and i >= stop:
@@ -428,6 +457,7 @@ class Medusa(nn.Module):
             del self._stage_of[name]
             self.backbone.return_layers.pop(name, None)
         self.heads = self.heads[: max_index + 1]
+        self.fusions = self.fusions[: max_index + 1]
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
