@@ -23,7 +23,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision",
-        "timm>=1.0.20",
+        "timm>=1.0.21",
         "triton; platform_system == 'Linux'",
         "safetensors",
         "huggingface_hub",

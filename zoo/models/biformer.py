@@ -530,7 +530,8 @@ class BiFormer(nn.Module):
         self.num_features = embed_dims[-1]
         self.norm = nn.BatchNorm2d(self.num_features, **dd)  # pre-head norm on the map, as the original
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
-        self.head_hidden_size = self.head.num_features  # pooled width (x2 for 'catavgmax')
+        # pooled width (x2 for 'catavgmax'); ClassifierHead.num_features is missing in timm 1.0.29
+        self.head_hidden_size = self.num_features * self.head.global_pool.feat_mult()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -579,7 +580,7 @@ class BiFormer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.head.num_features
+        self.head_hidden_size = self.num_features * self.head.global_pool.feat_mult()
 
     def forward_intermediates(
         self,
