@@ -53,6 +53,10 @@ setup(
             "pydicom-data",
             "segmentation-models-pytorch>=0.6",
             "transformers>=5",
+            # ONNX export (tests/models/test_onnx.py): the dynamo exporter needs onnx + onnxscript; onnxruntime runs it
+            "onnx>=1.17",
+            "onnxscript>=0.6",  # torch 2.11+ calls its _framework_apis.torch_2_11
+            "onnxruntime>=1.20",
             # the mm adapters' tests run on the no-compile path (mmcv-lite + zoo.detection.mmcv_compat)
             "mmcv-lite==2.2.0",
             *_MM,

@@ -1,11 +1,15 @@
-"""Input validation, problem descriptions and layout helpers shared by every backend."""
+"""Input validation, problem descriptions, layout helpers and the registration of export decompositions, shared
+by every backend."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+import torch._decomp
 
 __all__ = [
     "HaloProblem",
@@ -14,6 +18,7 @@ __all__ = [
     "interpreter_enabled",
     "key_valid_regions",
     "normalize_pair",
+    "register_export_decomposition",
     "to_regions",
     "validate_routed",
 ]
@@ -24,6 +29,27 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def interpreter_enabled() -> bool:
     """True when Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+def register_export_decomposition(op: torch._ops.OpOverload) -> Callable[[_Fn], _Fn]:
+    """Decorator: ``fn`` computes custom op ``op`` in plain aten ops, entered in torch's decomposition table.
+
+    ``torch.onnx.export(..., dynamo=True)`` decomposes every op that has no ONNX function through that table
+    (``torch._decomp.decomposition_table``), so a model whose graph holds one of zoo's custom ops exports
+    without a custom translation table. ``torch.compile`` and ``torch.export`` keep the op (their tables are
+    explicit lists); FakeTensor uses ``fn`` for shape propagation under symbolic sizes, so it must return the
+    op's shapes, dtypes and (contiguous) strides.
+    """
+
+    def decorate(fn: _Fn) -> _Fn:
+        torch._decomp.decomposition_table.pop(op, None)  # a re-imported module replaces its entry
+        torch._decomp.register_decomposition(op)(fn)
+        return fn
+
+    return decorate
 
 
 def normalize_pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:

@@ -9,6 +9,7 @@ fixed order, no atomics.
 The relative-position logit tables ``q @ height_rel^T`` and ``q @ width_rel^T`` are small fp32 matmuls done in
 torch inside the custom ops and rebuilt in the backward rather than kept (they hold more values than q); the
 kernels read one table entry per query and window row or column and broadcast it over the keys that share it.
+The forward custom op decomposes into the reference's aten ops for ``torch.onnx.export(..., dynamo=True)``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ._common import HaloProblem, check_same_device_dtype, interpreter_enabled
+from ._common import HaloProblem, check_same_device_dtype, interpreter_enabled, register_export_decomposition
 from ._dispatch import Backend, register_backend, select_backend
-from .reference import halo_attention_reference
+from .reference import halo_attention_reference, halo_logits, halo_windows, pad_to_blocks, query_blocks_to_map
 from .routed_attn import MAX_HEAD_DIM, triton_next_pow2
 
 __all__ = ["halo_attention", "halo_problem"]
@@ -311,6 +312,32 @@ def halo_attn_triton_fwd(
 def _(q, k, v, height_rel, width_rel, block_size, halo_size, query_stride, scale, scale_pos_embed, pad_mask):
     B, nh, Hq, Wq, _ = q.shape
     return q.new_empty(B, nh, Hq, Wq, v.shape[-1]), q.new_empty(B, nh, Hq, Wq, dtype=torch.float32)
+
+
+@register_export_decomposition(torch.ops.zoo.halo_attn_triton_fwd.default)
+def _halo_fwd_decomposition(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    height_rel: torch.Tensor | None,
+    width_rel: torch.Tensor | None,
+    block_size: int,
+    halo_size: int,
+    query_stride: int,
+    scale: float,
+    scale_pos_embed: bool,
+    pad_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # the reference's formulation with logits in fp32 (as the kernel), plus the kernel's base-2 log-sum-exp
+    acc = torch.promote_types(q.dtype, torch.float32)
+    rel_pos = None if height_rel is None else (height_rel.to(acc), width_rel.to(acc))
+    logits = halo_logits(
+        q.to(acc), k.to(acc), block_size, halo_size, rel_pos, scale, scale_pos_embed, query_stride, pad_mask
+    )  # (B, nh, nb, bq*bq, win*win)
+    out = torch.softmax(logits, dim=-1).to(v.dtype) @ halo_windows(pad_to_blocks(v, block_size), block_size, halo_size)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True).float() * math.log2(math.e)
+    Hq, Wq, bq = q.shape[2], q.shape[3], block_size // query_stride
+    return query_blocks_to_map(out, Hq, Wq, bq).contiguous(), query_blocks_to_map(lse, Hq, Wq, bq)[..., 0].contiguous()
 
 
 @torch.library.custom_op("zoo::halo_attn_triton_bwd", mutates_args=(), device_types=("cuda", "cpu"))

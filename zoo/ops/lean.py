@@ -12,6 +12,8 @@ backward allocates a zero tensor of ``R`` times K's size. This path instead:
 
 Both passes are registered as torch custom ops (``zoo::routed_attn_lean_fwd/bwd``) with FLOP formulas, so
 ``torch.compile`` treats them as single nodes and ``FlopCounterMode`` counts the same FLOPs as the reference.
+The forward also has a decomposition into plain aten ops (:func:`routed_attention_gathered`, one gather of the
+routed K/V rows, no loop and no data-dependent branch) so ``torch.onnx.export(..., dynamo=True)`` translates it.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ._common import RoutedProblem, from_regions, key_valid_regions, to_regions
+from ._common import RoutedProblem, from_regions, key_valid_regions, register_export_decomposition, to_regions
 
-__all__ = ["auto_check_lean", "check_lean", "routed_attention_lean", "routed_flops"]
+__all__ = ["auto_check_lean", "check_lean", "routed_attention_gathered", "routed_attention_lean", "routed_flops"]
 
 
 def check_lean(problem: RoutedProblem) -> str | None:
@@ -286,6 +288,74 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 routed_attn_lean_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _select_regions(x_r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x_r (B, nh, R, T, d)``, ``idx (B, nh|1, R', topk)`` -> ``(B, nh, R', topk*T, d)`` by whole-region rows.
+
+    One ``index_select`` of ``(T*d)``-wide rows: ONNX ``Gather`` with a ``B*nh*R'*topk`` index, where ``torch.gather``
+    with an expanded index would export as ``GatherElements`` with an index as large as the gathered K/V.
+    """
+    B, nh, R, T, d = x_r.shape
+    heads = torch.arange(B, device=idx.device)[:, None] * nh + torch.arange(nh, device=idx.device)  # (B, nh)
+    rows = (heads[:, :, None, None] * R + idx).reshape(-1)  # idx broadcasts over the heads when shared
+    return x_r.reshape(B * nh * R, T * d).index_select(0, rows).reshape(B, nh, idx.shape[2], -1, d)
+
+
+def routed_attention_gathered(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    rh: int,
+    rw: int,
+    scale: float,
+    valid_h: int,
+    valid_w: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed attention as one graph of aten ops: ``(out (B, nh, H, W, d_v), lse (B, nh, R, rh*rw))``.
+
+    The export formulation of the custom ops (their decomposition): every query region's routed K/V gathered at
+    once (``topk`` copies, as the reference), logits and softmax in fp32 (fp64 for fp64), the log-sum-exp in the
+    natural base, ``+inf`` for queries without a valid key (whose output is 0). ``idx`` int ``(B, nh|1, R, topk)``;
+    ``valid_h < 0`` means no key padding.
+    """
+    B, nh, H, W, _ = q.shape
+    q_r, k_r, v_r = (to_regions(t, rh, rw) for t in (q, k, v))
+    R = q_r.shape[2]
+    idx = idx.to(torch.int64)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    logits = ((q_r * scale) @ _select_regions(k_r, idx).transpose(-1, -2)).to(acc)  # (B, nh, R, T, topk*T)
+    valid = key_valid_regions(H, W, rh, rw, None if valid_h < 0 else (valid_h, valid_w), q.device)
+    if valid is None:
+        probs = torch.softmax(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
+    else:
+        valid_sel = valid[idx].reshape(B, idx.shape[1], R, 1, -1)
+        any_valid = valid_sel.any(dim=-1, keepdim=True)
+        # rows without a valid key: softmax over zeros, zeroed after (output 0, never NaN), lse +inf
+        logits = torch.where(any_valid, logits.masked_fill(~valid_sel, float("-inf")), 0.0)
+        probs = torch.softmax(logits, dim=-1) * any_valid
+        lse = torch.where(any_valid[..., 0], torch.logsumexp(logits, dim=-1), float("inf"))
+    out_r = probs.to(v.dtype) @ _select_regions(v_r, idx)
+    return from_regions(out_r, H, W, rh, rw), lse
+
+
+@register_export_decomposition(torch.ops.zoo.routed_attn_lean_fwd.default)
+def _lean_fwd_decomposition(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    rh: int,
+    rw: int,
+    scale: float,
+    valid_h: int,
+    valid_w: int,
+    need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = routed_attention_gathered(q, k, v, idx, rh, rw, scale, valid_h, valid_w)
+    return out, lse if need_lse else lse.new_empty(*lse.shape[:3], 0)
 
 
 def _keys_per_query(idx_shape, rh: int, rw: int) -> int:

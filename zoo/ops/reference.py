@@ -11,7 +11,12 @@ import torch.nn.functional as F
 
 from ._common import from_regions, key_valid_regions, to_regions
 
-__all__ = ["halo_attention_reference", "region_routing_reference", "routed_attention_reference"]
+__all__ = [
+    "halo_attention_reference",
+    "halo_logits",
+    "region_routing_reference",
+    "routed_attention_reference",
+]
 
 
 def region_routing_reference(q_region: torch.Tensor, k_region: torch.Tensor, topk: int) -> torch.Tensor:
@@ -119,6 +124,58 @@ def rel_logits_reference(q_blocks: torch.Tensor, rel_table: torch.Tensor, axis: 
     return picked[..., None, :].expand(*picked.shape[:-1], win, win)
 
 
+def pad_to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``(B, nh, H, W, d)`` completed with zeros at the bottom and right to multiples of ``block``."""
+    return F.pad(x, (0, 0, 0, -x.shape[3] % block, 0, -x.shape[2] % block))
+
+
+def halo_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    halo_size: int,
+    rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: float = 1.0,
+    scale_pos_embed: bool = False,
+    query_stride: int = 1,
+    pad_mask: bool = False,
+) -> torch.Tensor:
+    """Logits of halo attention ``(B, nh, nb, bq*bq, win*win)``: each query block (``nb`` row-major blocks of
+    ``bq = block_size // query_stride`` queries per side) against its key window; keys outside the map at -inf
+    when ``pad_mask``. Arguments as :func:`halo_attention_reference`."""
+    B, nh, Hq, Wq, d_qk = q.shape
+    H, W = k.shape[2], k.shape[3]
+    b, h, s = block_size, halo_size, query_stride
+    bq, win = b // s, b + 2 * h
+    nbh, nbw = -(-H // b), -(-W // b)
+    # queries padded to whole query blocks, keys with zeros to whole blocks (as timm's halo padding)
+    q_blocks = pad_to_blocks(q, bq).reshape(B, nh, nbh, bq, nbw, bq, d_qk).permute(0, 1, 2, 4, 3, 5, 6)
+    k_win = halo_windows(pad_to_blocks(k, b), b, h)  # (B, nh, nb, win*win, d_qk)
+    logits = q_blocks.reshape(B, nh, nbh * nbw, bq * bq, d_qk) @ k_win.transpose(-1, -2)  # (B, nh, nb, bq*bq, win*win)
+    if rel_pos is not None:
+        height_rel, width_rel = rel_pos
+        rel = rel_logits_reference(q_blocks, height_rel, 0) + rel_logits_reference(q_blocks, width_rel, 1)
+        rel = rel.reshape(B, nh, nbh * nbw, bq * bq, win * win)
+        logits = (logits + rel) * scale if scale_pos_embed else logits * scale + rel
+    else:
+        logits = logits * scale
+    if pad_mask:
+        # out of place: this also runs as the export decomposition of the Triton op, which must be functional
+        rows, cols = torch.arange(nbh * b, device=q.device) < H, torch.arange(nbw * b, device=q.device) < W
+        inside = (rows[:, None] & cols[None, :]).float()[None, None, :, :, None]
+        key_ok = halo_windows(inside, b, h)[0, 0, :, None, :, 0] > 0  # (nb, 1, win*win): key inside the map
+        logits = logits.masked_fill(~key_ok, float("-inf"))
+    return logits
+
+
+def query_blocks_to_map(x: torch.Tensor, height: int, width: int, bq: int) -> torch.Tensor:
+    """``(B, nh, nb, bq*bq, d)`` per query block -> ``(B, nh, height, width, d)``, the padding queries dropped."""
+    B, nh = x.shape[:2]
+    nbh, nbw = -(-height // bq), -(-width // bq)
+    x = x.reshape(B, nh, nbh, nbw, bq, bq, -1).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, nh, nbh * bq, nbw * bq, -1)
+    return x[:, :, :height, :width]
+
+
 def halo_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,32 +193,7 @@ def halo_attention_reference(
     Shapes: q ``(B, nh, Hq, Wq, d_qk)`` with ``Hq = ceil(H / query_stride)``; k ``(B, nh, H, W, d_qk)``;
     v ``(B, nh, H, W, d_v)``; returns ``(B, nh, Hq, Wq, d_v)``.
     """
-    B, nh, Hq, Wq, d_qk = q.shape
-    H, W = k.shape[2], k.shape[3]
-    b, h, s = block_size, halo_size, query_stride
-    bq, win = b // s, b + 2 * h
-    nbh, nbw = -(-H // b), -(-W // b)
-    # pad keys/values with zeros to whole blocks (as timm's halo padding) and queries to whole query blocks
-    k_p = F.pad(k, (0, 0, 0, nbw * b - W, 0, nbh * b - H))
-    v_p = F.pad(v, (0, 0, 0, nbw * b - W, 0, nbh * b - H))
-    q_p = F.pad(q, (0, 0, 0, nbw * bq - Wq, 0, nbh * bq - Hq))
-    q_blocks = q_p.reshape(B, nh, nbh, bq, nbw, bq, d_qk).permute(0, 1, 2, 4, 3, 5, 6)  # (B, nh, nbh, nbw, bq, bq, d)
-    k_win = halo_windows(k_p, b, h)  # (B, nh, nb, win*win, d_qk)
-    v_win = halo_windows(v_p, b, h)
-    logits = q_blocks.reshape(B, nh, nbh * nbw, bq * bq, d_qk) @ k_win.transpose(-1, -2)  # (B, nh, nb, bq*bq, win*win)
-    if rel_pos is not None:
-        height_rel, width_rel = rel_pos
-        rel = rel_logits_reference(q_blocks, height_rel, 0) + rel_logits_reference(q_blocks, width_rel, 1)
-        rel = rel.reshape(B, nh, nbh * nbw, bq * bq, win * win)
-        logits = (logits + rel) * scale if scale_pos_embed else logits * scale + rel
-    else:
-        logits = logits * scale
-    if pad_mask:
-        inside = torch.zeros(1, 1, nbh * b, nbw * b, 1, device=q.device)
-        inside[:, :, :H, :W] = 1.0
-        key_ok = halo_windows(inside, b, h)[0, 0, :, None, :, 0] > 0  # (nb, 1, win*win): key inside the map
-        logits = logits.masked_fill(~key_ok, float("-inf"))
+    logits = halo_logits(q, k, block_size, halo_size, rel_pos, scale, scale_pos_embed, query_stride, pad_mask)
     attn = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
-    out = attn @ v_win  # (B, nh, nb, bq*bq, d_v)
-    out = out.reshape(B, nh, nbh, nbw, bq, bq, -1).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, nh, nbh * bq, nbw * bq, -1)
-    return out[:, :, :Hq, :Wq]
+    out = attn @ halo_windows(pad_to_blocks(v, block_size), block_size, halo_size)  # (B, nh, nb, bq*bq, d_v)
+    return query_blocks_to_map(out, q.shape[2], q.shape[3], block_size // query_stride)

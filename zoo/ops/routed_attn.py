@@ -9,7 +9,8 @@
   written by one program in a fixed order: no atomics, bitwise reproducible.
 
 Both passes are torch custom ops (``zoo::routed_attn_triton_fwd/bwd``) with FLOP formulas. The kernels run on
-CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). The forward decomposes into aten ops
+(:func:`zoo.ops.lean.routed_attention_gathered`) for ``torch.onnx.export(..., dynamo=True)`` of a CUDA model.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import sys
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ._common import RoutedProblem, interpreter_enabled
-from .lean import routed_flops
+from ._common import RoutedProblem, from_regions, interpreter_enabled, register_export_decomposition
+from .lean import routed_attention_gathered, routed_flops
 
 __all__ = ["auto_check_triton", "check_triton", "inverted_routing", "routed_attention_triton"]
 
@@ -257,6 +258,24 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 routed_attn_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_export_decomposition(torch.ops.zoo.routed_attn_triton_fwd.default)
+def _triton_fwd_decomposition(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    rh: int,
+    rw: int,
+    scale: float,
+    valid_h: int,
+    valid_w: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = routed_attention_gathered(q, k, v, idx, rh, rw, scale, valid_h, valid_w)
+    # the kernel's lse: fp32, base 2, laid out like the queries (B, nh, H, W)
+    lse = from_regions(lse[..., None], q.shape[2], q.shape[3], rh, rw)[..., 0]
+    return out, (lse.float() * math.log2(math.e)).contiguous()
 
 
 @register_flop_formula(torch.ops.zoo.routed_attn_triton_fwd)
