@@ -81,6 +81,20 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _lce_conv(dim: int, kernel: int, **dd) -> nn.Conv2d:
+    """The depthwise local-context conv (LCE / LePE), its weight strided channels-last.
+
+    It always sees channels-last activations (a permuted ``(B, H, W, C)`` map), so its weight gradient comes out
+    channels-last. A ``(C, 1, k, k)`` weight holds the same bytes in either layout; with matching strides DDP
+    uses the gradient as its bucket view (no copy, no "grad strides do not match" warning on every rank).
+    """
+    conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim, **dd)
+    # .contiguous(channels_last) would keep the strides: with C_in / groups = 1 both layouts count as contiguous
+    weight = torch.empty_like(conv.weight, memory_format=torch.channels_last, requires_grad=False)
+    conv.weight = nn.Parameter(weight.copy_(conv.weight.detach()))
+    return conv
+
+
 @register_notrace_module  # shape-dependent padding: a leaf for FX feature extraction
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention (legacy official semantics) on ``zoo.ops``.
@@ -137,7 +151,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.pad_mode = pad_mode
         self.attn_backend = attn_backend
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim, **dd)  # output rows [q | k | v], as the official QKVLinear
-        self.lepe = nn.Conv2d(dim, dim, lce_kernel, padding=lce_kernel // 2, groups=dim, **dd)
+        self.lepe = _lce_conv(dim, lce_kernel, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
 
     def _region_mean(self, t: torch.Tensor, rh: int, rw: int, valid_hw: tuple[int, int] | None) -> torch.Tensor:
@@ -246,7 +260,7 @@ class AttentionLePE(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
-        self.lepe = nn.Conv2d(dim, dim, lce_kernel, padding=lce_kernel // 2, groups=dim, **dd)
+        self.lepe = _lce_conv(dim, lce_kernel, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``."""
@@ -313,8 +327,9 @@ class Block(nn.Module):
             x = x + self.pos_conv(x)
         x = x.permute(0, 2, 3, 1)  # attention and MLP work channels last
         x = x + self.drop_path1(self.attn(self.norm1(x)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x.permute(0, 3, 1, 2)
+        # the last residual sum is taken channels-first: the block returns a new tensor, not a permuted view
+        # (FSDP2 warns on every rank about a block that returns a view)
+        return x.permute(0, 3, 1, 2) + self.drop_path2(self.mlp(self.norm2(x))).permute(0, 3, 1, 2)
 
 
 class Stem(nn.Module):
