@@ -36,6 +36,7 @@ __all__ = [
     "atomic_write_text",
     "clean_temporaries",
     "confined_path",
+    "file_in_folder_path",
     "plain_name",
     "register_plain_data_class",
     "safe_load",
@@ -273,6 +274,14 @@ def plain_name(name: Any, what: str = "name", where: str = "") -> str:
             "'/', '\\' or '..'; fix the row"
         )
     return text
+
+
+def file_in_folder_path(folder: str | os.PathLike) -> Path | None:
+    """The existing file that stands where ``folder`` or one of its parents must be a folder, else None."""
+    for part in (Path(folder), *Path(folder).parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
 
 
 def confined_path(root: str | os.PathLike, relative: Any, what: str = "path", where: str = "") -> Path:

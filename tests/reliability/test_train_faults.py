@@ -376,6 +376,18 @@ def test_task_json_kwargs_are_one_line(tmp_path, capsys):
     assert rc == 2 and "--backbone-kwargs" in one_error_line(capsys)
 
 
+def test_export_and_mil_missing_inputs_are_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert zoo_main(["export", "resnet18", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in one_error_line(capsys)
+    labels = tmp_path / "labels.csv"
+    assert zoo_main(["mil", "train", "--features", str(tmp_path), "--labels", str(labels)]) == 2
+    assert f"label CSV {labels} does not exist" in one_error_line(capsys)
+    labels.write_text("slide_id,label\n")
+    assert zoo_main(["mil", "train", "--features", str(tmp_path / "none"), "--labels", str(labels)]) == 2
+    assert "feature folder" in one_error_line(capsys)
+
+
 def test_unexpected_errors_still_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(loop_lib, "train", lambda cfg: [][1])
     rc = zoo_main(["train", "--out", str(tmp_path / "r")])

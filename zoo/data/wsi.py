@@ -1185,6 +1185,10 @@ class BagDataset:
     ) -> None:
         self.feature_dir = Path(feature_dir)
         rows: list[tuple[str, str, str, dict[str, Any]]] = []  # (where, slide id, label, row)
+        if not Path(labels_csv).is_file():
+            raise FileNotFoundError(f"label CSV {labels_csv} does not exist (slide_id,label[,split] rows)")
+        if not self.feature_dir.is_dir():
+            raise FileNotFoundError(f"feature folder {feature_dir} does not exist (zoo wsi extract writes it)")
         with open(labels_csv, newline="") as f:
             reader = csv.DictReader(f)
             missing_cols = {slide_col, label_col} - set(reader.fieldnames or [])

@@ -17,6 +17,7 @@ import torch
 from timm.models import save_for_hf
 
 from .. import _registry
+from .._io import file_in_folder_path
 
 __all__ = ["ExportResult", "export_model"]
 
@@ -70,6 +71,9 @@ def export_model(model: torch.nn.Module, out_dir: Path | str, model_args: dict[s
     needs_zoo = timm_fn is None or timm_fn.__module__.split(".")[0] == "zoo"
     if not needs_zoo and _registry.is_zoo_model(arch):  # a zoo class under a timm name: timm's class must take it
         args = _timm_only_args(arch, model, args)
+    blocker = file_in_folder_path(out_dir)
+    if blocker is not None:
+        raise ValueError(f"{out_dir}: {blocker} is a file; the export is a folder (model.safetensors, config.json)")
     out_dir.mkdir(parents=True, exist_ok=True)
     # timm records the factory kwargs on the model (model._model_args); save_for_hf writes them as model_args
     save_for_hf(model, str(out_dir), model_args=args, safe_serialization=True)

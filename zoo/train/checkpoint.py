@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import CorruptFileError, UnsafeFileError, atomic_write, clean_temporaries, safe_load
+from .._io import CorruptFileError, UnsafeFileError, atomic_write, clean_temporaries, file_in_folder_path, safe_load
 
 __all__ = [
     "CheckpointManager",
@@ -440,13 +440,10 @@ def _is_relative_to(path: Path, folder: Path) -> bool:
 
 def check_out_dir(out_dir: str | os.PathLike, flag: str = "--out") -> Path:
     """``out_dir`` as a Path, after checking that no part of it is an existing file."""
-    out = Path(out_dir)
-    for part in (out, *out.parents):
-        if part.exists():
-            if not part.is_dir():
-                raise RunFolderError(f"{flag} {out_dir}: {part} is a file, not a folder; pick another {flag}")
-            break
-    return out
+    blocker = file_in_folder_path(out_dir)
+    if blocker is not None:
+        raise RunFolderError(f"{flag} {out_dir}: {blocker} is a file, not a folder; pick another {flag}")
+    return Path(out_dir)
 
 
 def prepare_run_folder(
