@@ -467,6 +467,60 @@ def create_model(
     source, model_id = parse_model_name(model_name)
     check_model_kwargs(model_id if source is None else model_name, kwargs)
     layer_config = dict(scriptable=scriptable, exportable=exportable, no_jit=no_jit)
+    features = bool(kwargs.get("features_only")) and kwargs.get("out_indices") is not None
+    if features:
+        _check_out_indices_type(model_name, kwargs["out_indices"])
+    try:
+        return _create(
+            model_name, source, model_id, pretrained, pretrained_cfg, pretrained_cfg_overlay, checkpoint_path,
+            cache_dir, layer_config, kwargs,
+        )  # fmt: skip
+    except (IndexError, AssertionError) as error:  # timm: a bare "list index out of range"
+        if features:
+            _raise_if_out_indices_out_of_range(model_name, kwargs, error)
+        raise
+
+
+def _check_out_indices_type(model_name: str, out_indices: Any) -> None:
+    items = out_indices if isinstance(out_indices, (tuple, list)) else [out_indices]
+    if not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise ValueError(
+            f"{model_name}: out_indices={out_indices!r} must be an int or a tuple of ints (feature levels, "
+            "negative ones counted from the last)"
+        )
+
+
+def _raise_if_out_indices_out_of_range(model_name: str, kwargs: dict[str, Any], error: Exception) -> None:
+    """A clear ValueError when ``out_indices`` names levels the model does not have (found on a meta build)."""
+    try:
+        probe = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices", "feature_cls")}
+        levels = len(create_model(model_name, **{**probe, "device": "meta"}).feature_info)
+    except Exception:  # the model cannot tell: keep the original error
+        return
+    out_indices = kwargs["out_indices"]
+    if isinstance(out_indices, int):  # timm: an int n means the last n levels
+        bad = not 0 < out_indices <= levels
+    else:
+        bad = any(not -levels <= i < levels for i in out_indices)
+    if bad:
+        raise ValueError(
+            f"{model_name}: out_indices={out_indices!r} names feature levels it does not have: it has {levels} "
+            f"(indices 0 to {levels - 1} or -{levels} to -1; an int n takes the last n); see zoo info {model_name}"
+        ) from error
+
+
+def _create(
+    model_name: str,
+    source: str | None,
+    model_id: str,
+    pretrained: bool,
+    pretrained_cfg: str | dict | PretrainedCfg | None,
+    pretrained_cfg_overlay: dict[str, Any] | None,
+    checkpoint_path: str | Path | None,
+    cache_dir: str | Path | None,
+    layer_config: dict[str, bool | None],
+    kwargs: dict[str, Any],
+) -> nn.Module:
     if source is not None:
         if pretrained_cfg:
             raise ValueError(f"pretrained_cfg cannot be combined with a '{source}:' model name")

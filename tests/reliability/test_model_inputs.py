@@ -165,6 +165,18 @@ def test_valid_edge_values_still_build() -> None:
     assert zoo.create_model("efficient_probe", embed_dim=64, num_queries=4).num_classes == 1000
 
 
+@pytest.mark.parametrize("name", ["biformer_tiny", "halonet26t", "resnet18"])
+@pytest.mark.parametrize(
+    "out_indices, match",
+    [((7,), "has (4|5) .*0 to"), ((-9,), "does not have"), (9, "does not have"), (("a",), "tuple of ints")],
+)
+def test_out_indices_outside_the_levels_name_them(name, out_indices, match) -> None:
+    # timm raises a bare "list index out of range" here
+    with pytest.raises(ValueError, match=match):
+        zoo.create_model(name, features_only=True, out_indices=out_indices, device="meta")
+    assert len(zoo.create_model(name, features_only=True, out_indices=2, device="meta").feature_info.channels()) == 2
+
+
 # ------------------------------------------------------------------------------------ 2. ZOO_OPS_BACKEND
 
 
