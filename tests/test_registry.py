@@ -146,6 +146,15 @@ def test_zoo_only_names_are_registered_into_timm(restore_registries) -> None:
     assert zoo.get_pretrained_cfg("zoo_toy_net").tag == "toy_in1k"
 
 
+def test_only_image_backbones_are_registered_into_timm() -> None:
+    heads = zoo.list_models(kind=["mil_head", "probe", "scanpath"])
+    assert {"abmil", "acmil", "efficient_probe", "oat"} <= set(heads)
+    assert not [name for name in heads if timm.is_model(name)]  # timm's tools would take them for backbones
+    assert not timm.list_models("*mil*") and not timm.list_models("*probe*")
+    assert timm.is_model("biformer_tiny") and timm.is_model("halonet_h0")
+    assert zoo.create_model("abmil", in_dim=8).in_dim == 8  # reached through zoo
+
+
 def test_zoo_never_replaces_a_timm_entry(restore_registries) -> None:
     timm_resnet18 = timm.models.model_entrypoint("resnet18")
     module = _toy_module("resnet18")

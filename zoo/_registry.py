@@ -5,8 +5,10 @@ carry the same name as a timm class (zoo's ``halonet26t`` runs on zoo's kernels,
 ``HaloAttn``) without either replacing the other:
 
 * zoo names resolve first, then timm's (``create_model``, ``is_model``, ``get_pretrained_cfg``);
-* an architecture whose name timm does not use is also registered into timm's registry, so
-  ``import zoo; timm.create_model('<zoo arch>')`` works; a name timm already uses is never touched.
+* an image backbone whose name timm does not use is also registered into timm's registry, so
+  ``import zoo; timm.create_model('<zoo arch>')`` works; a name timm already uses is never touched. Heads,
+  probes and scanpath models are not: timm's tools (benchmark, validate, its test suite) would take them for
+  image backbones. They are reached through ``zoo.create_model`` and ``zoo.list_models(kind=...)``.
 
 Pretrained cfgs follow timm exactly: ``default_cfgs = generate_default_cfgs({'arch.tag': cfg})`` in the
 family module, first tag with weights (or a tag ending in ``*``) is the default.
@@ -135,7 +137,7 @@ def _add_entry(entry: ZooEntry) -> None:
 
 
 def register_model(fn: Callable[..., Any] | None = None, *, kind: str = "backbone"):
-    """Register a model entrypoint in zoo's registry (and in timm's when timm has no such name).
+    """Register a model entrypoint in zoo's registry (and a backbone in timm's when timm has no such name).
 
     Use as ``@register_model`` or ``@register_model(kind='mil_head')``. The pretrained cfgs are read from
     ``default_cfgs`` of the function's module, keyed ``arch`` / ``arch.tag`` as in timm.
@@ -148,7 +150,7 @@ def register_model(fn: Callable[..., Any] | None = None, *, kind: str = "backbon
         name = fn.__name__
         default_cfg = _normalise_default_cfg(getattr(module, "default_cfgs", {}).get(name))
         in_timm = False
-        if not timm.is_model(name):
+        if kind == "backbone" and not timm.is_model(name):
             # timm reads the same module-level default_cfgs, so both registries agree on tags
             timm.models.register_model(_timm_entrypoint(fn))
             in_timm = True

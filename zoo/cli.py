@@ -95,6 +95,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import zoo
     from zoo.tools.export import export_model
 
+    kind = zoo.model_kind(args.name) if ":" not in args.name else "backbone"
+    if kind != "backbone":  # timm's local-dir layout (config.json + weights) is for image backbones
+        raise ValueError(
+            f"{args.name} is a {kind}: zoo export writes timm's folder layout for image backbones; save the "
+            f"head's state_dict with safetensors and rebuild it with zoo.create_model({args.name!r}, "
+            "checkpoint_path=...)"
+        )
     overlay = dict(file=args.file) if args.file else None
     model = zoo.create_model(
         args.name,

@@ -457,16 +457,14 @@ def test_direct_pretrained_call_names_the_file_route() -> None:
         mil.clam_mb_mil(pretrained=True)
 
 
-def test_timm_and_direct_calls_load_the_authors_file(tmp_path: Path) -> None:
-    import timm
-
+def test_overlay_and_direct_calls_load_the_authors_file(tmp_path: Path) -> None:
     W = _fill(abmil_shapes(64, 32, 2), seed=41)
     path = tmp_path / "abmil_authors.pth"
     torch.save(W, path)
     x = torch.randn(30, 64, generator=torch.Generator().manual_seed(9))
     expected = zoo.create_model("abmil", in_dim=64, checkpoint_path=path).eval()(x)["logits"]
     for head in (
-        timm.create_model("abmil", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), in_dim=64),
+        zoo.create_model("abmil", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), in_dim=64),
         mil.abmil(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), in_dim=64),
     ):
         with torch.no_grad():

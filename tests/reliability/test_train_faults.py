@@ -380,6 +380,8 @@ def test_export_and_mil_missing_inputs_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert zoo_main(["export", "resnet18", "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in one_error_line(capsys)
+    assert zoo_main(["export", "abmil", "--out", str(tmp_path / "head")]) == 2  # heads: not timm's layout
+    assert "abmil is a mil_head" in one_error_line(capsys)
     labels = tmp_path / "labels.csv"
     assert zoo_main(["mil", "train", "--features", str(tmp_path), "--labels", str(labels)]) == 2
     assert f"label CSV {labels} does not exist" in one_error_line(capsys)

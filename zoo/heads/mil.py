@@ -973,7 +973,7 @@ def _create_mil(cls: type[MILHead], name: str, pretrained: bool = False, **kwarg
     """Build a head; its pretrained cfg is attached for tools; ``device=`` builds on that device (``meta``).
 
     ``zoo.create_model`` calls this with ``pretrained=False`` and loads weight files itself (through
-    ``checkpoint_filter_fn``). ``pretrained=True`` arrives from ``timm.create_model`` or a direct call: the
+    ``checkpoint_filter_fn``). ``pretrained=True`` arrives from a direct call (``mil.abmil(pretrained=True)``): the
     cfg's file is fetched (offline: the factory's error naming the file route) and loaded the same way; a cfg
     without weights is refused with the file route.
     """
