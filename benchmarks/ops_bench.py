@@ -5,7 +5,8 @@ formulation, ``torch``), the lean torch path, the Triton kernels, FlexAttention,
 (``sdpa_dense``: SDPA with a routing bias, what ``auto`` picks on CUDA for small regions), and dense SDPA with a
 boolean routing mask in region-major order (``sdpa_dense_mask``). Halo attention (HaloNet-50ts halo layers at
 256, block 8, halo 3): timm's ``HaloAttn`` layer against the same layer with its attention core replaced by
-``zoo.ops.halo_attention`` (torch reference and Triton, with both dk/dv strategies of its backward).
+``zoo.ops.halo_attention`` (torch reference and Triton, with both dk/dv strategies of its backward: backends
+``triton`` and ``triton_key_blocks``).
 
 For every (shape, batch, mode) the peers run in rotating order for ``--rounds`` rounds (``--iters`` calls each);
 the median per-call time, the ratio to the reference, the peak memory of one call, and (on GPU) the achieved
@@ -36,7 +37,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo.ops as ops  # noqa: E402
-from zoo.ops import halo_attn  # noqa: E402
 from zoo.ops._common import from_regions, to_regions  # noqa: E402
 from zoo.ops.reference import routed_attention_reference  # noqa: E402
 
@@ -213,9 +213,8 @@ def halo_peers(batch: int, layer, device: str, dtype: torch.dtype, backward: boo
     attn = HaloAttn(channels, channels, num_heads=heads, dim_head=dim_head, block_size=8, halo_size=3).to(device, dtype)
     x = torch.randn(batch, channels, side, side, device=device, dtype=dtype, requires_grad=backward)
 
-    def zoo_layer(backend: str, dkdv: str = "window") -> Callable:
+    def zoo_layer(backend: str) -> Callable:
         def forward(x):
-            halo_attn.DKDV_STRATEGY = dkdv  # read when the backward runs, within this call
             B, _, H, W = x.shape
             dqk, dv = attn.dim_head_qk, attn.dim_head_v
             q = attn.q(x).view(B, heads, dqk, H, W).permute(0, 1, 3, 4, 2)
@@ -243,8 +242,8 @@ def halo_peers(batch: int, layer, device: str, dtype: torch.dtype, backward: boo
     peers = [Peer("timm_haloattn", make(attn)), Peer("torch", make(zoo_layer("torch")))]
     triton_reason = "the Triton interpreter is not a benchmark" if device == "cpu" else None
     peers.append(Peer("triton", make(zoo_layer("triton")), triton_reason))
-    if backward:  # the other dk/dv strategy of the Triton backward (zoo.ops.halo_attn.DKDV_STRATEGY)
-        peers.append(Peer("triton_key_blocks", make(zoo_layer("triton", "key_blocks")), triton_reason))
+    if backward:  # the other dk/dv strategy of the Triton backward: its own backend
+        peers.append(Peer("triton_key_blocks", make(zoo_layer("triton_key_blocks")), triton_reason))
     elements = batch * heads * side * side * dim_head * (4 if not backward else 9)
     return peers, elements * x.element_size()
 

@@ -199,6 +199,32 @@ def test_layer_odd_block_with_stride_pools_like_the_strided_convs() -> None:
         assert zoo_layer(torch.randn(1, 16, 15, 9)).shape[-2:] == (8, 5)
 
 
+def test_attn_backend_reaches_every_halo_layer(monkeypatch) -> None:
+    """The ``attn_backend`` model kwarg (and ``set_attn_backend``) is what every halo layer passes to
+    ``zoo.ops.halo_attention``; None leaves the choice to the dispatch ("auto")."""
+    model = zoo.create_model("halonet26t", num_classes=10, attn_backend="torch").eval()
+    layers = [m for m in model.modules() if isinstance(m, ZooHaloAttn)]
+    assert layers and all(m.attn_backend == "torch" for m in layers)
+    asked = []
+    real = halonet.ops.halo_attention
+
+    def spy(*args, backend, **kwargs):
+        asked.append(backend)
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(halonet.ops, "halo_attention", spy)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        assert asked == ["torch"] * len(layers)
+        model.set_attn_backend(None)
+        torch.testing.assert_close(model(x), out)  # on CPU, auto is the reference too
+        assert asked[len(layers) :] == ["auto"] * len(layers)
+        model.set_attn_backend("no_such_backend")
+        with pytest.raises(zoo.ops.BackendUnavailableError, match="no_such_backend"):
+            model(x)
+
+
 def test_recompute_gives_the_same_gradients() -> None:
     _, zoo_layer = _layer_pair(2)
     zoo_layer.train()

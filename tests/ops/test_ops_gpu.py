@@ -7,7 +7,6 @@ import torch
 from _helpers import routed_inputs
 
 import zoo.ops as ops
-from zoo.ops import halo_attn
 from zoo.ops.reference import halo_attention_reference, routed_attention_reference
 
 pytestmark = [
@@ -94,13 +93,12 @@ def test_routed_auto_is_triton_and_compiles():
     torch.testing.assert_close(compiled(q, k, v), routed_attention_reference(q * 1.5, k, v, idx, (4, 4), 0.1))
 
 
-@pytest.mark.parametrize("dkdv", ["window", "key_blocks"])
+@pytest.mark.parametrize("backend", ["triton", "triton_key_blocks"])  # the two dk/dv strategies of the backward
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "block,halo,stride,size,pad_mask", [(8, 3, 1, 32, False), (8, 2, 2, 30, True), (7, 2, 1, 21, False)]
 )
-def test_halo_triton_gpu(dtype, block, halo, stride, size, pad_mask, dkdv, monkeypatch):
-    monkeypatch.setattr(halo_attn, "DKDV_STRATEGY", dkdv)
+def test_halo_triton_gpu(dtype, block, halo, stride, size, pad_mask, backend):
     g = torch.Generator(device="cuda").manual_seed(0)
     B, nh, d = 2, 4, 32
     Hq = -(-size // stride)
@@ -125,7 +123,7 @@ def test_halo_triton_gpu(dtype, block, halo, stride, size, pad_mask, dkdv, monke
     )
     out, grads = run(
         lambda q, k, v, th, tw: ops.halo_attention(
-            q, k, v, block, halo, (th, tw), None, False, stride, pad_mask, backend="triton"
+            q, k, v, block, halo, (th, tw), None, False, stride, pad_mask, backend=backend
         ),
         [q, k, v, *tables],
     )

@@ -7,8 +7,10 @@ import torch
 from timm.layers.halo_attn import HaloAttn
 
 import zoo.ops as ops
-from zoo.ops import halo_attn
 from zoo.ops.reference import halo_attention_reference
+
+# the two dk/dv strategies of the Triton backward, each a backend: window gradients + fold, and key-centric
+TRITON_BACKENDS = ["triton", "triton_key_blocks"]
 
 
 def _zoo_halo_forward(attn: HaloAttn, x: torch.Tensor, backend: str, pad_mask: bool = False) -> torch.Tensor:
@@ -85,14 +87,13 @@ def _run(backend, q, k, v, tables, grad_out, block, halo, stride, spe, pad_mask)
     return out.detach(), [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("dkdv", ["window", "key_blocks"])
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_triton_matches_reference(case, dkdv, monkeypatch):
-    monkeypatch.setattr(halo_attn, "DKDV_STRATEGY", dkdv)
+def test_triton_matches_reference(case, backend):
     B, nh, H, W, d, dv, block, halo, stride, rel, spe, pad_mask = CASES[case]
     q, k, v, tables, grad_out = _halo_inputs(B, nh, H, W, d, dv, block, halo, stride, rel)
     out_ref, grads_ref = _run("torch", q, k, v, tables, grad_out, block, halo, stride, spe, pad_mask)
-    out, grads = _run("triton", q, k, v, tables, grad_out, block, halo, stride, spe, pad_mask)
+    out, grads = _run(backend, q, k, v, tables, grad_out, block, halo, stride, spe, pad_mask)
     torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
     for name, g, g_ref in zip(["q", "k", "v", "height_rel", "width_rel"], grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
@@ -115,12 +116,11 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-@pytest.mark.parametrize("dkdv", ["window", "key_blocks"])
-def test_triton_backward_is_deterministic(dkdv, monkeypatch):
-    monkeypatch.setattr(halo_attn, "DKDV_STRATEGY", dkdv)
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_triton_backward_is_deterministic(backend):
     q, k, v, tables, grad_out = _halo_inputs(1, 1, 8, 8, 4, 4, 4, 2, 1, True)
-    first = _run("triton", q, k, v, tables, grad_out, 4, 2, 1, False, False)
-    second = _run("triton", q, k, v, tables, grad_out, 4, 2, 1, False, False)
+    first = _run(backend, q, k, v, tables, grad_out, 4, 2, 1, False, False)
+    second = _run(backend, q, k, v, tables, grad_out, 4, 2, 1, False, False)
     assert torch.equal(first[0], second[0]) and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
 
 
@@ -136,11 +136,12 @@ def test_flops_match_between_backends():
     assert counts["torch"] == counts["triton"] > 0
 
 
-def test_torch_compile_has_no_graph_break():
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_torch_compile_has_no_graph_break(backend):
     q, k, v, tables, _ = _halo_inputs(1, 1, 4, 4, 4, 4, 4, 1, 1, True)
 
     def layer(q, k, v):
-        return ops.halo_attention(q * 2, k, v, 4, 1, tables, backend="triton").sum()
+        return ops.halo_attention(q * 2, k, v, 4, 1, tables, backend=backend).sum()
 
     explanation = torch._dynamo.explain(layer)(q, k, v)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -171,23 +172,27 @@ def test_bad_halo_inputs(kwargs, error, match):
         ops.halo_attention(**{**args, **kwargs})
 
 
-def test_unknown_dkdv_strategy_is_named(monkeypatch):
-    monkeypatch.setattr(halo_attn, "DKDV_STRATEGY", "atomics")
-    q, k, v, tables, grad_out = _halo_inputs(1, 1, 4, 4, 4, 4, 4, 1, 1, True)
-    with pytest.raises(ValueError, match="DKDV_STRATEGY must be one of"):
-        _run("triton", q, k, v, tables, grad_out, 4, 1, 1, False, False)
+def test_key_blocks_is_forced_only_and_unknown_names_list_the_backends():
+    """auto never picks the key-centric backward (window is the default); an unknown name lists the known ones."""
+    q, k, v, tables, _ = _halo_inputs(1, 1, 4, 4, 4, 4, 4, 1, 1, True)
+    reasons = ops.backend_support("halo_attention", q, k, v, 4, 1, tables)
+    assert reasons["triton_key_blocks"] is None  # supported when forced (interpreter on CPU)
+    assert ops.select_halo_backend(q, k, v, 4, 1, tables, backend="triton_key_blocks") == "triton_key_blocks"
+    if not torch.cuda.is_available():
+        assert ops.select_halo_backend(q, k, v, 4, 1, tables) == "torch"
+    with pytest.raises(ops.BackendUnavailableError, match="triton_key_blocks"):
+        ops.halo_attention(q, k, v, 4, 1, tables, backend="triton_atomics")
 
 
-@pytest.mark.parametrize("dkdv", ["window", "key_blocks"])
-def test_triton_fp16_gradients_close_to_fp32_reference(dkdv, monkeypatch):
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_triton_fp16_gradients_close_to_fp32_reference(backend):
     """Half inputs: the window strategy keeps its per-window gradients in k's dtype (as timm's unfold backward
     does) and sums them in fp32; both strategies stay within fp16 rounding of the fp32 reference. (fp16, not
     bf16: under the Triton interpreter the bf16 forward is already wrong; bf16 is checked on GPU.)"""
-    monkeypatch.setattr(halo_attn, "DKDV_STRATEGY", dkdv)
     q, k, v, tables, grad_out = _halo_inputs(1, 2, 16, 16, 16, 16, 8, 3, 1, True)
     _, grads_ref = _run("torch", q, k, v, tables, grad_out, 8, 3, 1, False, False)
     half = [t.half() for t in (q, k, v)]
-    _, grads = _run("triton", *half, tables, grad_out.half(), 8, 3, 1, False, False)
+    _, grads = _run(backend, *half, tables, grad_out.half(), 8, 3, 1, False, False)
     for name, g, g_ref in zip(["q", "k", "v", "height_rel", "width_rel"], grads, grads_ref):
         error = (g.float() - g_ref).abs().max() / g_ref.abs().max()
         assert error < 3e-3, f"d{name}: max error {error:.2e} of the largest gradient"

@@ -158,15 +158,18 @@ def test_torch_compile_has_no_graph_break(backend):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("case", ["topk4_r2x3_b2", "topk3_r3_perhead_pad"])
-def test_flex_forward_matches_reference(case, monkeypatch):
-    """Eager Flex on CPU (dense scores + routing mask_mod): checks the mask construction; compiled runs in the bench."""
+def test_flex_forward_matches_reference(case):
+    """Eager Flex on CPU (dense scores + routing mask_mod): checks the mask construction; compiled runs in the bench
+    (and through the dispatch, which always compiles)."""
     import zoo.ops.flex as flex_backend
 
-    monkeypatch.setattr(flex_backend, "COMPILE_ON_CPU", torch.cuda.is_available())
     B, nh, H, W, d, region, topk, per_head, padding = CASES[case]
     q, k, v, idx = routed_inputs(B, nh, H, W, d, region, topk, per_head=per_head)
+    assert ops.backend_support("routed_attention", q, k, v, idx, region, 0.3, padding)["flex"] is None
     with torch.no_grad():
-        out = ops.routed_attention(q, k, v, idx, region, 0.3, key_padding=padding, backend="flex")
+        out = flex_backend.routed_attention_flex(
+            q, k, v, idx, region, 0.3, padding, compile_on_cpu=torch.cuda.is_available()
+        )
     torch.testing.assert_close(
         out, routed_attention_reference(q, k, v, idx, region, 0.3, padding), atol=1e-5, rtol=1e-5
     )

@@ -4,9 +4,10 @@ The paper released no code; timm's ``byoanet`` models are the de-facto reference
 ``ByobNet`` machinery and timm's model configs (``timm.models.byoanet.model_cfgs``) unchanged and swaps only
 the halo layer: :class:`ZooHaloAttn` subclasses timm's ``HaloAttn`` (same parameters, same names ``q``,
 ``kv``, ``pos_embed.height_rel``, ``pos_embed.width_rel``), so a timm state dict loads strictly, and its
-forward calls :func:`zoo.ops.halo_attention` (fused Triton kernel on CUDA, PyTorch elsewhere). Lambda and
-bottleneck-attention layers of the hybrid models stay timm's. timm's own models are untouched: the zoo layer
-is handed to ``ByobNet`` through the config, never registered under timm's ``'halo'`` name.
+forward calls :func:`zoo.ops.halo_attention` (fused Triton kernel on CUDA, PyTorch elsewhere; the model kwarg
+``attn_backend`` or :meth:`HaloNet.set_attn_backend` forces a backend). Lambda and bottleneck-attention layers
+of the hybrid models stay timm's. timm's own models are untouched: the zoo layer is handed to ``ByobNet``
+through the config, never registered under timm's ``'halo'`` name.
 
 Architectures:
 
@@ -147,6 +148,8 @@ class ZooHaloAttn(HaloAttn):
             ``block_size``), ``False`` (never, timm's numerics), ``True`` (always, border halo included).
         recompute: recompute the op in backward rather than keep its intermediates; ``None``: when training
             off CUDA (the PyTorch path keeps the unfolded windows and the attention matrix, the kernel does not).
+        attn_backend: ``zoo.ops.halo_attention`` backend (``"triton"``, ``"triton_key_blocks"``, ``"torch"``), None
+            for the dispatch's choice.
     """
 
     def __init__(
@@ -165,6 +168,7 @@ class ZooHaloAttn(HaloAttn):
         scale_pos_embed: bool = False,
         pad_mask: bool | None = None,
         recompute: bool | None = None,
+        attn_backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -178,12 +182,13 @@ class ZooHaloAttn(HaloAttn):
             self.pool = nn.AvgPool2d(2, 2, ceil_mode=True)
         self.pad_mask = pad_mask
         self.recompute = recompute
+        self.attn_backend = attn_backend
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_mask: bool) -> torch.Tensor:
         rel_pos = (self.pos_embed.height_rel, self.pos_embed.width_rel)
         return ops.halo_attention(
             q, k, v, self.block_size, self.halo_size, rel_pos, self.scale, self.scale_pos_embed, self.block_stride,
-            pad_mask,
+            pad_mask, backend=self.attn_backend or "auto",
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -347,6 +352,8 @@ class HaloNet(ByobNet):
             already a :class:`ZooHaloAttn` factory.
         halo_pad_mask: ``None`` / ``False`` / ``True``, see the module docstring.
         halo_recompute: ``None`` / ``False`` / ``True``, recompute the halo op in backward (``None``: off CUDA).
+        attn_backend: ``zoo.ops.halo_attention`` backend for every halo layer, None for the dispatch's choice
+            (also :meth:`set_attn_backend`).
         lean_norm_act: keep only the input of every BN-act and block tail for backward (training memory; same
             outputs and keys), see the module docstring.
         img_size: input size for the fixed-size hybrids (bottleneck attention); other models take any size.
@@ -363,9 +370,10 @@ class HaloNet(ByobNet):
         halo_recompute: bool | None = None,
         img_size: int | tuple[int, int] | None = None,
         lean_norm_act: bool = True,
+        attn_backend: str | None = None,
         **kwargs: Any,
     ) -> None:
-        halo_layer = partial(ZooHaloAttn, pad_mask=halo_pad_mask, recompute=halo_recompute)
+        halo_layer = partial(ZooHaloAttn, pad_mask=halo_pad_mask, recompute=halo_recompute, attn_backend=attn_backend)
         super().__init__(_with_zoo_halo(cfg, halo_layer), img_size=img_size, **kwargs)
         if lean_norm_act:
             _lean_norm_act_(self)
@@ -380,6 +388,12 @@ class HaloNet(ByobNet):
         for module in self.modules():
             if isinstance(module, ZooHaloAttn):
                 module.pad_mask = pad_mask
+
+    def set_attn_backend(self, backend: str | None) -> None:
+        """Route every halo layer through ``zoo.ops.halo_attention(backend=...)``; None: the dispatch decides."""
+        for module in self.modules():
+            if isinstance(module, ZooHaloAttn):
+                module.attn_backend = backend
 
     def _check_input_size(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` unchanged, after the fixed-size check of the hybrids (none for the other models)."""

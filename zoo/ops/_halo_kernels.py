@@ -1,4 +1,4 @@
-"""Triton kernels of halo attention. Imported lazily by :mod:`zoo.ops.halo_attn` (``TRITON_INTERPRET`` is read
+"""Triton kernels of halo attention. Imported lazily by :mod:`zoo.ops.halo_triton` (``TRITON_INTERPRET`` is read
 when ``@triton.jit`` runs).
 
 Geometry: key map ``H x W`` cut into ``B_SIZE`` blocks; query map ``Hq x Wq`` into ``BQ`` blocks (``BQ = B_SIZE /
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from ._routed_kernels import AUTOTUNE, tuned  # noqa: F401  (AUTOTUNE is read by halo_attn)
 
 
 @triton.jit
@@ -321,14 +319,13 @@ def _halo_fold_kernel(
     tl.store(dv_ptrs, dvacc.to(DV.dtype.element_ty), mask=key_ok[:, None] & (dv[None, :] < d_v))
 
 
-def _tuned(kernel, key=("B_SIZE", "HALO", "BQ", "BLOCK_DQK", "BLOCK_DV", "HAS_REL", "PRECISION")):
-    return tuned(kernel, list(key))
-
-
-halo_fwd = _tuned(_halo_fwd_kernel)
-halo_bwd_dq = _tuned(_halo_bwd_dq_kernel)
-halo_bwd_dkdv = _tuned(_halo_bwd_dkdv_kernel)
-halo_fold = _tuned(_halo_fold_kernel, ("B_SIZE", "HALO", "BLOCK_DQK", "BLOCK_DV"))
+# the constexprs that change performance: the autotune keys (zoo.ops._triton.launcher; ZOO_OPS_AUTOTUNE)
+TUNE_KEY = ("B_SIZE", "HALO", "BQ", "BLOCK_DQK", "BLOCK_DV", "HAS_REL", "PRECISION")
+FOLD_TUNE_KEY = ("B_SIZE", "HALO", "BLOCK_DQK", "BLOCK_DV")
+halo_fwd = _halo_fwd_kernel
+halo_bwd_dq = _halo_bwd_dq_kernel
+halo_bwd_dkdv = _halo_bwd_dkdv_kernel
+halo_fold = _halo_fold_kernel
 
 # How these kernels were defined (``triton.jit`` reads TRITON_INTERPRET once, at decoration): a plain bool the
 # dispatch reads, so that torch.compile traces the check without touching a Triton function object.

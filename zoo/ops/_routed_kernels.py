@@ -1,4 +1,4 @@
-"""Triton kernels of routed attention. Imported lazily by :mod:`zoo.ops.routed_attn` at first use, because
+"""Triton kernels of routed attention. Imported lazily by :mod:`zoo.ops.routed_triton` at first use, because
 ``@triton.jit`` decides at definition time whether kernels run compiled or under ``TRITON_INTERPRET=1``.
 
 Layout: q, k, v, o ``(B, nh, H, W, d)`` with arbitrary strides; a region of ``RH x RW`` tokens is cut into
@@ -9,11 +9,8 @@ whose keys are all masked (their probabilities, output and gradients are then ex
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-from triton import knobs
 
 
 @triton.jit
@@ -197,29 +194,11 @@ def _routed_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dvacc.to(DV.dtype.element_ty), mask=k_inside[:, None] & (dv[None, :] < d_v))
 
 
-# Compiled kernels get a small autotune list (warps x stages) keyed on the shapes that change performance.
-# ZOO_OPS_AUTOTUNE=0 turns it off (each new key compiles every config once: slow for short test runs);
-# then ``default_num_warps`` applies. The interpreter has nothing to tune.
-AUTOTUNE = os.environ.get("ZOO_OPS_AUTOTUNE", "1") not in ("0", "") and not knobs.runtime.interpret
-_CONFIGS = [(2, 2), (4, 2), (4, 3), (8, 2)]
-
-
-def default_num_warps(block_rows: int, block_cols: int) -> int:
-    return 4 if block_rows * block_cols >= 64 * 64 else 2
-
-
-def tuned(kernel, key: list[str]):
-    """Autotuned wrapper of ``kernel`` (re-running a config is harmless: outputs are stored, never accumulated)."""
-    if not AUTOTUNE:
-        return kernel
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in _CONFIGS]
-    return triton.autotune(configs, key=key)(kernel)
-
-
-_KEY = ["RH", "RW", "BLOCK_M", "BLOCK_DQK", "BLOCK_DV", "PRECISION"]
-routed_fwd = tuned(_routed_fwd_kernel, _KEY)
-routed_bwd_dq = tuned(_routed_bwd_dq_kernel, _KEY)
-routed_bwd_dkdv = tuned(_routed_bwd_dkdv_kernel, _KEY)
+# the constexprs that change performance: the autotune key (zoo.ops._triton.launcher; ZOO_OPS_AUTOTUNE)
+TUNE_KEY = ("RH", "RW", "BLOCK_M", "BLOCK_DQK", "BLOCK_DV", "PRECISION")
+routed_fwd = _routed_fwd_kernel
+routed_bwd_dq = _routed_bwd_dq_kernel
+routed_bwd_dkdv = _routed_bwd_dkdv_kernel
 
 # How these kernels were defined (``triton.jit`` reads TRITON_INTERPRET once, at decoration): a plain bool the
 # dispatch reads, so that torch.compile traces the check without touching a Triton function object.

@@ -23,30 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import RoutedProblem
+__all__ = ["MAX_DENSE_FACTOR", "MAX_REGION_TOKENS", "routed_attention_dense", "routing_bias"]
 
-__all__ = ["auto_check_dense", "check_dense", "routed_attention_dense", "routing_bias"]
-
+# auto's conditions (checked in zoo.ops.routed, measured as above)
 MAX_REGION_TOKENS = 16  # the Triton kernels' smallest query tile: smaller regions leave its rows empty
 MAX_DENSE_FACTOR = 4  # dense scores may cost at most this many times the routed ones (R <= factor * topk)
-
-
-def check_dense(problem: RoutedProblem) -> str | None:
-    if problem.key_padding is not None:
-        return "key_padding is not supported (fully masked queries would be NaN); use triton or torch_lean"
-    if not problem.dtype.is_floating_point:
-        return f"dtype {problem.dtype} is not a float dtype"
-    return None
-
-
-def auto_check_dense(problem: RoutedProblem) -> str | None:
-    if problem.device.type != "cuda":
-        return "picked automatically on CUDA only (measured there); force backend='sdpa_dense' elsewhere"
-    if problem.region_tokens >= MAX_REGION_TOKENS:
-        return f"regions of {problem.region_tokens} >= {MAX_REGION_TOKENS} tokens fill the kernel's tiles"
-    if problem.num_regions > MAX_DENSE_FACTOR * problem.topk:
-        return f"R = {problem.num_regions} > {MAX_DENSE_FACTOR} x topk = {problem.topk}: dense scores cost too much"
-    return None
 
 
 def routing_bias(
@@ -85,7 +66,7 @@ def routed_attention_dense(
 ) -> torch.Tensor:
     """Backend entry point; arguments as :func:`zoo.ops.routed_attention` (already validated). Returns
     ``(B, nh, H, W, d_v)``."""
-    if key_padding is not None:  # check_dense refuses it; a direct call must not silently ignore it
+    if key_padding is not None:  # the dispatch refuses it; a direct call must not silently ignore it
         raise ValueError("routed_attention_dense does not support key_padding")
     B, nh, H, W, d_qk = q.shape
     N = H * W

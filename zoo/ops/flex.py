@@ -8,8 +8,8 @@ always carries a routing ``mask_mod`` as well: uncompiled Flex ignores the block
 
 * CUDA: compiled ``flex_attention``, forward and backward. Block lists need ``T`` to be a multiple of 16
   (Triton tile minimum); other region sizes use a dense routing ``mask_mod`` with 128-token blocks.
-* CPU: forward only (FlexAttention has no CPU backward); compiled (Inductor C++ template) when
-  :data:`COMPILE_ON_CPU` is true, else eager, which materialises the full ``N x N`` scores (tiny inputs only).
+* CPU: forward only (FlexAttention has no CPU backward); compiled (Inductor C++ template), or eager with
+  ``compile_on_cpu=False``, which materialises the full ``N x N`` scores (tiny inputs only).
 
 Routing entries must be distinct per query region (as ``topk`` gives): Flex visits a listed block once.
 """
@@ -20,14 +20,13 @@ import functools
 
 import torch
 
-from ._common import RoutedProblem, from_regions, key_valid_regions, to_regions
+from ._common import from_regions, key_valid_regions, to_regions
 
-__all__ = ["COMPILE_ON_CPU", "check_flex_routed", "routed_attention_flex"]
-
-COMPILE_ON_CPU = True
+__all__ = ["flex_attention_module", "routed_attention_flex"]
 
 
-def _flex_module():
+def flex_attention_module():
+    """``torch.nn.attention.flex_attention``, or None in a torch without it."""
     try:
         from torch.nn.attention import flex_attention
     except ImportError:  # pragma: no cover - torch < 2.5
@@ -35,24 +34,11 @@ def _flex_module():
     return flex_attention
 
 
-def check_flex_routed(problem: RoutedProblem) -> str | None:
-    if _flex_module() is None:
-        return "torch.nn.attention.flex_attention is not available in this torch"
-    if problem.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {problem.dtype} is not supported by FlexAttention here (float16, bfloat16, float32)"
-    if problem.device.type == "cpu":
-        if problem.requires_grad:
-            return "FlexAttention has no CPU backward (torch raises NotImplementedError); call it under no_grad"
-    elif problem.device.type != "cuda":
-        return f"FlexAttention runs on CUDA or CPU, got {problem.device}"
-    return None
-
-
 @functools.cache
 def _compiled_flex():
     # static shapes: with torch's default (symbolic after the first recompile) the backward of a second shape
     # fails to lower on CUDA (torch 2.11, H200: "NoValidChoicesError ... flex_attention_backward")
-    return torch.compile(_flex_module().flex_attention, dynamic=False)
+    return torch.compile(flex_attention_module().flex_attention, dynamic=False)
 
 
 def _routing_table(idx: torch.Tensor, num_regions: int) -> torch.Tensor:
@@ -69,9 +55,15 @@ def routed_attention_flex(
     region_size: tuple[int, int],
     scale: float,
     key_padding: tuple[int, int] | None,
+    compile_on_cpu: bool = True,
 ) -> torch.Tensor:
-    """Backend entry point; arguments as :func:`zoo.ops.routed_attention` (already validated)."""
-    flex = _flex_module()
+    """Backend entry point; arguments as :func:`zoo.ops.routed_attention` (already validated).
+
+    ``compile_on_cpu=False``: eager Flex for CPU tensors (dense scores and the routing ``mask_mod``, tiny inputs
+    only). An argument of this function, not a module setting: the dispatch always compiles, and only a direct
+    caller (the tests, checking the mask construction without Inductor) wants eager. CUDA always compiles.
+    """
+    flex = flex_attention_module()
     B, nh, H, W, _ = q.shape
     rh, rw = region_size
     T = rh * rw
@@ -89,7 +81,7 @@ def routed_attention_flex(
             allowed = allowed & valid_flat[kv_idx]
         return allowed
 
-    compiled = q.device.type == "cuda" or COMPILE_ON_CPU
+    compiled = q.device.type == "cuda" or compile_on_cpu
     if q.device.type == "cuda" and T % 16:
         # tiles below 16 tokens do not exist on the GPU: dense routing mask over 128-token blocks
         block_mask = flex.create_block_mask(mask_mod, B, idx.shape[1], R * T, R * T, device=q.device, _compile=True)

@@ -23,18 +23,9 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ._common import RoutedProblem, from_regions, key_valid_regions, register_export_decomposition, to_regions
+from ._common import from_regions, key_valid_regions, register_export_decomposition, to_regions
 
-__all__ = ["auto_check_lean", "check_lean", "routed_attention_gathered", "routed_attention_lean", "routed_flops"]
-
-
-def check_lean(problem: RoutedProblem) -> str | None:
-    """The lean path runs every validated input (any float dtype, any device)."""
-    return None
-
-
-def auto_check_lean(problem: RoutedProblem) -> str | None:
-    return None
+__all__ = ["routed_attention_gathered", "routed_attention_lean", "routed_flops"]
 
 
 def routed_flops(batch: int, heads: int, tokens: int, keys_per_query: int, d_qk: int, d_v: int) -> int:

@@ -49,6 +49,9 @@ class ModelConfig:
     checkpoint_path: str = option("", "timm-format weights loaded after the build (fine-tuning)")
     drop_rate: float = option(0.0, "dropout before the classifier", min=0.0, max=1.0)
     drop_path_rate: float = option(0.1, "stochastic depth rate (linear over blocks)", min=0.0, max=1.0)
+    attn_backend: str = option(
+        "", "zoo.ops backend of the model's attention (create_model(attn_backend=)), e.g. torch; '' = auto"
+    )
     grad_checkpointing: bool = option(False, "activation checkpointing (model.set_grad_checkpointing)")
     channels_last: bool = option(False, "channels-last memory format for model and inputs")
     compile: bool = option(False, "torch.compile the model")

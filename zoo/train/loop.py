@@ -101,6 +101,8 @@ def build_model(cfg: Config, num_classes: int, in_chans: int) -> nn.Module:
         kwargs.setdefault("drop_path_rate", cfg.model.drop_path_rate)
     if cfg.model.drop_rate:
         kwargs.setdefault("drop_rate", cfg.model.drop_rate)
+    if cfg.model.attn_backend:  # only when set: models without zoo.ops attention take no such kwarg
+        kwargs.setdefault("attn_backend", cfg.model.attn_backend)
     return zoo.create_model(
         cfg.model.name,
         pretrained=cfg.model.pretrained,

@@ -16,26 +16,17 @@ CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). The forward decom
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ._common import RoutedProblem, from_regions, interpreter_enabled, register_export_decomposition
+from ._common import from_regions, register_export_decomposition
+from ._triton import launcher, next_pow2, precision
 from .lean import routed_attention_gathered, routed_flops
 
-__all__ = ["auto_check_triton", "check_triton", "inverted_routing", "routed_attention_triton"]
+__all__ = ["KERNELS_MODULE", "inverted_routing", "routed_attention_triton"]
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 128
-
-
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:  # pragma: no cover - triton ships with CUDA builds of torch
-        return f"triton is not importable ({err})"
-    return None
+KERNELS_MODULE = f"{__package__}._routed_kernels"  # whose definition mode the dispatch checks
 
 
 def _kernels():
@@ -45,56 +36,17 @@ def _kernels():
     return _routed_kernels
 
 
-def kernels_mode_mismatch(device: torch.device) -> str | None:
-    """Reason the already-defined kernels cannot run on ``device`` (compiled vs interpreted), if any."""
-    module = sys.modules.get(f"{__package__}._routed_kernels")
-    if module is None:
-        return None
-    interpreted = module.INTERPRETED
-    if device.type == "cpu" and not interpreted:
-        return "the Triton kernels were first used with TRITON_INTERPRET unset, so they compile for the GPU only"
-    if device.type == "cuda" and interpreted:
-        return "the Triton kernels were defined under TRITON_INTERPRET=1 (interpreter, CPU tensors only)"
-    return None
-
-
-def check_triton(problem: RoutedProblem) -> str | None:
-    """None if the Triton kernels run these inputs, else why not."""
-    reason = _triton_import_error()
-    if reason:
-        return reason
-    if problem.device.type == "cpu":
-        if not interpreter_enabled():
-            return "tensors are on CPU; Triton needs CUDA (or TRITON_INTERPRET=1 to interpret the kernels, for tests)"
-    elif problem.device.type != "cuda":
-        return f"Triton kernels run on CUDA only, got device {problem.device}"
-    reason = kernels_mode_mismatch(problem.device)
-    if reason:
-        return reason
-    if problem.dtype not in _TRITON_DTYPES:
-        return f"dtype {problem.dtype} is not supported (float16, bfloat16, float32)"
-    if max(problem.d_qk, problem.d_v) > MAX_HEAD_DIM:
-        return f"head dims d_qk={problem.d_qk}, d_v={problem.d_v} exceed {MAX_HEAD_DIM}"
-    return None
-
-
-def auto_check_triton(problem: RoutedProblem) -> str | None:
-    if problem.device.type != "cuda":
-        return "the Triton interpreter on CPU is for tests (slow); force backend='triton' to use it"
-    return None
-
-
 # ------------------------------------------------------------------------------------------- launching
 
 
 def _block_sizes(rh: int, rw: int, d_qk: int, d_v: int) -> dict[str, int]:
     tokens = rh * rw
-    block = min(64, max(16, triton_next_pow2(tokens)))  # tl.dot needs >= 16; 64 keeps registers in check
+    block = min(64, max(16, next_pow2(tokens)))  # tl.dot needs >= 16; 64 keeps registers in check
     return {
         "BLOCK_M": block,
         "BLOCK_N": block,
-        "BLOCK_DQK": max(16, triton_next_pow2(d_qk)),
-        "BLOCK_DV": max(16, triton_next_pow2(d_v)),
+        "BLOCK_DQK": max(16, next_pow2(d_qk)),
+        "BLOCK_DV": max(16, next_pow2(d_v)),
         "N_MT": math.ceil(tokens / block),
         "N_NT": math.ceil(tokens / block),
         "RH": rh,
@@ -102,17 +54,11 @@ def _block_sizes(rh: int, rw: int, d_qk: int, d_v: int) -> dict[str, int]:
     }
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << (max(1, n) - 1).bit_length()
-
-
-def _launch_options(blocks: dict[str, int], dtype: torch.dtype) -> dict[str, object]:
-    K = _kernels()
-    # fp32 inputs keep fp32 accuracy (no TF32); warps and stages come from the autotune list unless it is off
-    options: dict[str, object] = {"PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-    if not K.AUTOTUNE:
-        options["num_warps"] = K.default_num_warps(blocks["BLOCK_M"], max(blocks["BLOCK_DQK"], blocks["BLOCK_DV"]))
-    return options
+def _launch(kernel, blocks: dict[str, int]) -> tuple[object, dict[str, object]]:
+    """``kernel`` autotuned or not (:func:`zoo.ops._triton.launcher`), and its options beyond the block sizes."""
+    # warps when autotuning is off: 4 for tiles of 64 x 64 and more, else 2
+    num_warps = 4 if blocks["BLOCK_M"] * max(blocks["BLOCK_DQK"], blocks["BLOCK_DV"]) >= 64 * 64 else 2
+    return launcher(kernel, _kernels().TUNE_KEY, num_warps)
 
 
 def inverted_routing(idx: torch.Tensor, num_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,12 +92,13 @@ def _triton_forward(q, k, v, idx, rh, rw, scale, valid_h, valid_w):
     blocks = _block_sizes(rh, rw, d_qk, d_v)
     grid = (R * blocks["N_MT"], B * nh)
     vh, vw = (H, W) if valid_h < 0 else (valid_h, valid_w)
-    K.routed_fwd[grid](
+    fwd, options = _launch(K.routed_fwd, blocks)
+    fwd[grid](
         q, k, v, idx32, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         sib, sih, sir, sit, *lse.stride(),
         nh, W // rw, idx32.shape[-1], d_qk, d_v, vh, vw, scale * math.log2(math.e),
-        **blocks, **_launch_options(blocks, q.dtype),
+        **blocks, PRECISION=precision(q.dtype), **options,
     )  # fmt: skip
     return out, lse
 
@@ -171,22 +118,23 @@ def _triton_backward(grad_out, q, k, v, out, lse, idx, rh, rw, scale, valid_h, v
     idx_heads = idx32.shape[1]
     sih = sih if idx_heads > 1 else 0
     blocks = _block_sizes(rh, rw, d_qk, d_v)
-    options = _launch_options(blocks, q.dtype)
     vh, vw = (H, W) if valid_h < 0 else (valid_h, valid_w)
     qk_scale = scale * math.log2(math.e)
-    K.routed_bwd_dq[(R * blocks["N_MT"], B * nh)](
+    bwd_dq, options = _launch(K.routed_bwd_dq, blocks)
+    bwd_dq[(R * blocks["N_MT"], B * nh)](
         q, k, v, grad_out, lse, delta, idx32, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         sib, sih, sir, sit, *lse.stride(),
         nh, W // rw, idx32.shape[-1], d_qk, d_v, vh, vw, qk_scale, scale,
-        **blocks, **options,
+        **blocks, PRECISION=precision(q.dtype), **options,
     )  # fmt: skip
     qlist, offsets = inverted_routing(idx.reshape(B * idx_heads, R, -1), R)
-    K.routed_bwd_dkdv[(R * blocks["N_NT"], B * nh)](
+    bwd_dkdv, options = _launch(K.routed_bwd_dkdv, blocks)
+    bwd_dkdv[(R * blocks["N_NT"], B * nh)](
         q, k, v, grad_out, lse, delta, qlist, offsets, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
         nh, idx_heads, R, qlist.shape[-1], W // rw, d_qk, d_v, vh, vw, qk_scale, scale,
-        **blocks, **options,
+        **blocks, PRECISION=precision(q.dtype), **options,
     )  # fmt: skip
     return dq, dk, dv
 
