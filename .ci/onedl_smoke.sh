@@ -45,7 +45,7 @@ dists = ", ".join(f"{d} {md.version(d)}" for d in md.packages_distributions().ge
 print(f"onedl smoke: mmcv -> {mmcv} ({dists})")
 if mmcv.startswith(root):
     sys.exit("onedl smoke: mmcv must come from .venv (mmcv-lite)")
-sys.exit(int(pytest.main(["-q", "tests/detection/test_mmdet.py", "tests/detection/test_mmseg.py",
+sys.exit(int(pytest.main(["-q", "tests/detection/test_mmdet.py", "tests/segmentation/test_mmseg.py",
                           "tests/detection/test_mm_runner.py"])))
 EOF
 echo "onedl smoke: pytest exit status $rc, $((SECONDS - start)) s in all"

@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ def build_slide(folder: Path, tiles: int, tile_size: int) -> Path:
     """A square slide of about ``tiles`` tissue tiles: the IHC image mirrored into a mosaic, mpp 0.5."""
     import skimage.data
 
-    from zoo.data.wsi import write_pyramidal_tiff
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' slide writer
+    from wsi_fixtures import write_pyramidal_tiff
 
     side = math.ceil(math.sqrt(tiles)) * tile_size
     ihc = skimage.data.immunohistochemistry()
@@ -81,8 +83,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/wsi_bench.csv")
     args = parser.parse_args()
 
-    from zoo.data.wsi import extract_features, open_slide
+    from zoo.data.wsi import open_slide
     from zoo.tools.bench import device_name
+    from zoo.train.wsi_extract import extract_features
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

@@ -181,13 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     # entry points of the training package, the whole-slide pipeline and the heads register their own verbs
-    from zoo.data.wsi import add_cli as add_wsi_cli
-    from zoo.detection.mm_cli import add_cli as add_mm_cli
+    from zoo.mm.cli import add_cli as add_mm_cli
     from zoo.train.cli import add_cli as add_train_cli
     from zoo.train.finetune import add_cli as add_finetune_cli
     from zoo.train.mil import add_cli as add_mil_cli
     from zoo.train.probe import add_cli as add_probe_cli
     from zoo.train.scanpath import add_cli as add_scanpath_cli
+    from zoo.train.wsi_cli import add_cli as add_wsi_cli
 
     add_train_cli(sub)  # zoo train, zoo validate
     add_wsi_cli(sub)  # zoo wsi info|extract|heatmap

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from wsi_fixtures import write_pyramidal_tiff
 
 pytest.importorskip("tifffile")
 pytest.importorskip("h5py")
@@ -22,6 +23,7 @@ skdata = pytest.importorskip("skimage.data")
 
 import zoo.heads.mil  # noqa: E402,F401  (registers the MIL heads until zoo.heads imports them)
 from zoo.data import wsi  # noqa: E402  (explicit until zoo.data imports it)
+from zoo.train import wsi_cli, wsi_extract  # noqa: E402
 
 READERS = [r for r in ("openslide", "tiffslide") if __import__("importlib").util.find_spec(r) is not None]
 pytestmark = pytest.mark.skipif(not READERS, reason="needs openslide-python+openslide-bin or tiffslide (wsi extra)")
@@ -44,8 +46,8 @@ def ihc_slide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.
     canvas = np.full((3072, 4096, 3), 245, np.uint8)
     canvas[512:2560, 1024:3072] = np.asarray(Image.fromarray(ihc).resize((2048, 2048), Image.BICUBIC))
     folder = tmp_path_factory.mktemp("slides")
-    generic = wsi.write_pyramidal_tiff(canvas, folder / "ihc.tif", mpp=0.5)
-    aperio = wsi.write_pyramidal_tiff(canvas, folder / "ihc_aperio.svs", mpp=0.5, aperio_magnification=20)
+    generic = write_pyramidal_tiff(canvas, folder / "ihc.tif", mpp=0.5)
+    aperio = write_pyramidal_tiff(canvas, folder / "ihc_aperio.svs", mpp=0.5, aperio_magnification=20)
     return generic, aperio, canvas
 
 
@@ -104,7 +106,7 @@ def test_pale_tissue_is_found_next_to_dark_tissue(tmp_path: Path) -> None:
     canvas[384:1152, 128:896] = section
     canvas[384:1152, 1152:1920] = _fade(section, 0.2)
     canvas = np.clip(canvas + rng.normal(0, 1.5, canvas.shape), 0, 255).astype(np.uint8)
-    path = wsi.write_pyramidal_tiff(canvas, tmp_path / "pale.tif", mpp=0.5)
+    path = write_pyramidal_tiff(canvas, tmp_path / "pale.tif", mpp=0.5)
     with wsi.open_slide(path) as slide:
         thumb = slide.get_thumbnail(512)  # 4x smaller: sections at rows 96:288, columns 32:224 and 288:480
         mask = wsi.detect_tissue(thumb)
@@ -134,11 +136,11 @@ def test_blank_slides_have_no_tissue(tmp_path: Path, name: str) -> None:
         "uneven_glass": lambda: np.linspace(239, 249, shape[1])[None, :, None] + rng.normal(0, 1.5, shape),
         "black": lambda: np.zeros(shape),  # scanner padding / failed scan: not tissue either
     }[name]()
-    path = wsi.write_pyramidal_tiff(np.clip(canvas, 0, 255).astype(np.uint8), tmp_path / f"{name}.tif", mpp=0.5)
+    path = write_pyramidal_tiff(np.clip(canvas, 0, 255).astype(np.uint8), tmp_path / f"{name}.tif", mpp=0.5)
     with wsi.open_slide(path) as slide:
         assert not wsi.detect_tissue(slide.get_thumbnail(512)).any()
     with pytest.raises(wsi.NoTissueError, match=f"{name}.tif: no tissue"):
-        wsi.extract_features([path], tmp_path / "feats", "test_resnet", random_weights=True, on_error="raise")
+        wsi_extract.extract_features([path], tmp_path / "feats", "test_resnet", random_weights=True, on_error="raise")
 
 
 def test_bad_slides_are_named(tmp_path: Path, ihc_slide) -> None:
@@ -150,23 +152,23 @@ def test_bad_slides_are_named(tmp_path: Path, ihc_slide) -> None:
     (tmp_path / "text.svs").write_text("not a slide")
     with pytest.raises(wsi.SlideReadError, match="text.svs"):
         wsi.open_slide(tmp_path / "text.svs")
-    no_mpp = wsi.write_pyramidal_tiff(canvas[::4, ::4].copy(), tmp_path / "no_mpp.tif", mpp=None)
+    no_mpp = write_pyramidal_tiff(canvas[::4, ::4].copy(), tmp_path / "no_mpp.tif", mpp=None)
     with wsi.open_slide(no_mpp) as slide:
         assert slide.mpp is None
         with pytest.raises(wsi.MissingMPPError, match="no_mpp.tif.*--fallback-mpp"):
             wsi.tile_grid(slide, 128, mpp=1.0)
         assert len(wsi.tile_grid(slide, 128, mpp=1.0, fallback_mpp=0.5)) > 0
-    blank = wsi.write_pyramidal_tiff(np.full((512, 512, 3), 240, np.uint8), tmp_path / "blank.tif")
+    blank = write_pyramidal_tiff(np.full((512, 512, 3), 240, np.uint8), tmp_path / "blank.tif")
     with wsi.open_slide(blank) as slide:
         assert not wsi.detect_tissue(slide.get_thumbnail()).any()
-    report = wsi.extract_features(
+    report = wsi_extract.extract_features(
         [blank, truncated], tmp_path / "feats", "test_resnet", random_weights=True, tile_size=64
     )
     assert report.written == [] and set(report.failed) == {"blank", "truncated"}
     assert "no tissue" in report.failed["blank"] and "truncated.tif" in report.failed["truncated"]
     assert list((tmp_path / "feats").glob("*")) == []
     with pytest.raises(wsi.NoTissueError, match="blank.tif"):
-        wsi.extract_features([blank], tmp_path / "feats", "test_resnet", random_weights=True, on_error="raise")
+        wsi_extract.extract_features([blank], tmp_path / "feats", "test_resnet", random_weights=True, on_error="raise")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,7 +212,7 @@ def mosaic_features(tmp_path_factory: pytest.TempPathFactory):
         # each 32-px cell doubled to 64 px: level 0 at 0.25 mpp, the tiles are read at 0.5 mpp (level 1)
         mosaic = cells.reshape(8, 8, 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(256, 256, 3)
         mosaic = mosaic.repeat(2, 0).repeat(2, 1)
-        paths.append(wsi.write_pyramidal_tiff(mosaic, folder / f"slide_{i:02d}.tif", mpp=0.25, tile=128, min_size=128))
+        paths.append(write_pyramidal_tiff(mosaic, folder / f"slide_{i:02d}.tif", mpp=0.25, tile=128, min_size=128))
         split = "test" if i >= 24 else "val" if i >= 20 else "train"
         rows.append(dict(slide_id=f"slide_{i:02d}", label=["normal", "stained"][label], split=split))
     labels = folder / "labels.csv"
@@ -219,7 +221,7 @@ def mosaic_features(tmp_path_factory: pytest.TempPathFactory):
         writer.writeheader()
         writer.writerows(rows)
     feats = folder / "features"
-    report = wsi.extract_features(
+    report = wsi_extract.extract_features(
         paths,
         feats,
         "test_convnext",
@@ -246,7 +248,7 @@ def test_extraction_layout_and_resume(mosaic_features, tmp_path: Path, monkeypat
         assert f.attrs["backbone"] == "test_convnext" and f.attrs["read_level"] == 1 and f.attrs["complete"]
         assert f.attrs["mpp"] == 0.25 and f.attrs["target_mpp"] == 0.5 and f.attrs["tile_size_level0"] == 64
     # resume: a rerun redoes nothing
-    again = wsi.extract_features(paths, feats, "test_convnext", **MOSAIC_EXTRACTION)
+    again = wsi_extract.extract_features(paths, feats, "test_convnext", **MOSAIC_EXTRACTION)
     assert len(again.skipped) == 32 and not again.written
     # an interrupted run leaves no file (not even a partial one) for the slide it was writing
     out = tmp_path / "interrupted"
@@ -258,13 +260,13 @@ def test_extraction_layout_and_resume(mosaic_features, tmp_path: Path, monkeypat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    real = wsi._embed_slide
-    monkeypatch.setattr(wsi, "_embed_slide", crash_on_second)
+    real = wsi_extract._embed_slide
+    monkeypatch.setattr(wsi_extract, "_embed_slide", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        wsi.extract_features(paths[:3], out, "test_convnext", **MOSAIC_EXTRACTION)
+        wsi_extract.extract_features(paths[:3], out, "test_convnext", **MOSAIC_EXTRACTION)
     assert sorted(p.name for p in out.iterdir()) == ["slide_00.h5"]
-    monkeypatch.setattr(wsi, "_embed_slide", real)
-    resumed = wsi.extract_features(paths[:3], out, "test_convnext", **MOSAIC_EXTRACTION)
+    monkeypatch.setattr(wsi_extract, "_embed_slide", real)
+    resumed = wsi_extract.extract_features(paths[:3], out, "test_convnext", **MOSAIC_EXTRACTION)
     assert resumed.skipped == ["slide_00"] and resumed.written == ["slide_01", "slide_02"]
 
 
@@ -340,9 +342,9 @@ def test_cli_parsers() -> None:
 
     parser = argparse.ArgumentParser(prog="zoo")
     sub = parser.add_subparsers(dest="command")
-    wsi.add_cli(sub)
+    wsi_cli.add_cli(sub)
     train_mil_module.add_cli(sub)
     args = parser.parse_args(["wsi", "extract", "a.svs", "--out", "f", "--mpp", "0.5", "--backbone", "resnet18"])
-    assert args.func is wsi._cmd_extract and args.mpp == 0.5
+    assert args.func is wsi_cli._cmd_extract and args.mpp == 0.5
     args = parser.parse_args(["mil", "train", "--features", "f", "--labels", "l.csv"])
     assert args.model == "acmil" and args.epochs == 50 and args.lr == 1e-4

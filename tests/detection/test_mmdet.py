@@ -1,6 +1,6 @@
 """mmdet 3.x adapter: ZooBackbone in Mask R-CNN / RetinaNet configs, the mmcv-lite compatibility layer, errors.
 
-Runs on the mmcv-lite path (``zoo.detection.mmcv_compat``) unless a compiled mmcv is installed. The tiny detection
+Runs on the mmcv-lite path (``zoo.mm.compat``) unless a compiled mmcv is installed. The tiny detection
 set is two scikit-image photos: coins (Otsu threshold + connected regions, class 0) and the astronaut (largest
 regions of its Otsu mask, class 1); boxes and masks come from those regions. Backbones are shrunk (fewer, narrower
 blocks) through the configs' model kwargs, the heads narrowed, so a CPU step takes about a second.
@@ -26,7 +26,7 @@ skimage = pytest.importorskip("skimage")
 
 from skimage import data, filters, measure, morphology, segmentation, transform  # noqa: E402
 
-from zoo.detection import mmcv_compat  # noqa: E402
+from zoo.mm import compat as mmcv_compat  # noqa: E402
 
 MODE = mmcv_compat.install()  # 'lite' on mmcv-lite (CI), 'compiled' with a compiled mmcv
 
@@ -41,7 +41,7 @@ from mmengine.registry import DefaultScope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
 import zoo.detection.mmdet as zoo_mmdet  # noqa: E402
-from zoo.detection.mm_backbone import ZooBackbone, layer_decay_custom_keys  # noqa: E402
+from zoo.mm.backbone import ZooBackbone, layer_decay_custom_keys  # noqa: E402
 
 register_all_modules()
 from mmdet.registry import MODELS  # noqa: E402
@@ -399,7 +399,7 @@ def test_layer_decay_keys_and_optimizer() -> None:
 
 
 def test_cli_prepare_config(tmp_path: Path) -> None:
-    from zoo.detection.mm_cli import add_cli, prepare_config
+    from zoo.mm.cli import add_cli, prepare_config
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))

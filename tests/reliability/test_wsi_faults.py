@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from wsi_fixtures import write_pyramidal_tiff
 
 pytest.importorskip("tifffile")
 h5py = pytest.importorskip("h5py")
@@ -26,6 +27,8 @@ skdata = pytest.importorskip("skimage.data")
 
 from zoo._io import UnsafeFileError, UnsafePathError  # noqa: E402
 from zoo.data import wsi  # noqa: E402
+from zoo.data.wsi.heatmaps import _colormap  # noqa: E402
+from zoo.train.wsi_extract import extract_features  # noqa: E402
 
 READERS = [r for r in ("openslide", "tiffslide") if __import__("importlib").util.find_spec(r) is not None]
 pytestmark = pytest.mark.skipif(not READERS, reason="needs openslide-python+openslide-bin or tiffslide (wsi extra)")
@@ -71,14 +74,14 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def ihc_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("slides")
-    return wsi.write_pyramidal_tiff(skdata.immunohistochemistry(), folder / "ihc.tif", mpp=0.5, tile=128, min_size=128)
+    return write_pyramidal_tiff(skdata.immunohistochemistry(), folder / "ihc.tif", mpp=0.5, tile=128, min_size=128)
 
 
 @pytest.fixture(scope="module")
 def features_h5(ihc_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("features")
     torch.manual_seed(0)
-    report = wsi.extract_features([ihc_slide], out, TinyNet(), **SMALL)
+    report = extract_features([ihc_slide], out, TinyNet(), **SMALL)
     assert report.written == ["ihc"], report.summary()
     return out / "ihc.h5"
 
@@ -95,7 +98,7 @@ def _features(path: Path) -> np.ndarray:
 def test_provenance_is_recorded_and_a_rerun_must_match_it(ihc_slide: Path, tmp_path: Path) -> None:
     out = tmp_path / "feats"
     run = dict(SMALL, random_weights=True, input_size=64)
-    wsi.extract_features([ihc_slide], out, "test_resnet", **run)
+    extract_features([ihc_slide], out, "test_resnet", **run)
     h5 = out / "ihc.h5"
     with h5py.File(h5, "r") as f:
         attrs = dict(f.attrs)
@@ -107,23 +110,23 @@ def test_provenance_is_recorded_and_a_rerun_must_match_it(ihc_slide: Path, tmp_p
         target_mpp=0.5, target_magnification=None, feature_dtype="float16",
     )  # fmt: skip
     before = h5.read_bytes()
-    assert wsi.extract_features([ihc_slide], out, "test_resnet", **run).skipped == ["ihc"]
+    assert extract_features([ihc_slide], out, "test_resnet", **run).skipped == ["ihc"]
     # the same folder asked for other weights / input size / dtype: refused, naming both values and the fix
     with pytest.raises(wsi.FeatureMismatchError, match=r'weights: stored "random:seed=0", requested "random:seed=1".*'
                        r"--overwrite.*another --out"):  # fmt: skip
-        wsi.extract_features([ihc_slide], out, "test_resnet", **dict(run, seed=1))
+        extract_features([ihc_slide], out, "test_resnet", **dict(run, seed=1))
     with pytest.raises(wsi.FeatureMismatchError, match="input_size: stored 64, requested 32"):
-        wsi.extract_features([ihc_slide], out, "test_resnet", **dict(run, input_size=32))
+        extract_features([ihc_slide], out, "test_resnet", **dict(run, input_size=32))
     with pytest.raises(wsi.FeatureMismatchError, match='feature_dtype: stored "float16", requested "float32"'):
-        wsi.extract_features([ihc_slide], out, "test_resnet", **run, float16=False)
+        extract_features([ihc_slide], out, "test_resnet", **run, float16=False)
     assert h5.read_bytes() == before  # nothing was touched
-    report = wsi.extract_features([ihc_slide], out, "test_resnet", **dict(run, seed=1), overwrite=True)
+    report = extract_features([ihc_slide], out, "test_resnet", **dict(run, seed=1), overwrite=True)
     assert report.written == ["ihc"]
     with h5py.File(h5, "a") as f:
         assert f.attrs["weights"] == "random:seed=1"
         del f.attrs["provenance"]  # as an older zoo wrote it
     with pytest.raises(wsi.FeatureMismatchError, match="ihc.h5.*no provenance.*older zoo.*--overwrite"):
-        wsi.extract_features([ihc_slide], out, "test_resnet", **dict(run, seed=1))
+        extract_features([ihc_slide], out, "test_resnet", **dict(run, seed=1))
 
 
 def test_weights_are_identified_by_tag_file_hash_or_state_dict(ihc_slide: Path, tmp_path: Path) -> None:
@@ -134,11 +137,11 @@ def test_weights_are_identified_by_tag_file_hash_or_state_dict(ihc_slide: Path, 
     ckpt = tmp_path / "backbone.pth"
     torch.save(headless.state_dict(), ckpt)
     run = dict(SMALL, input_size=64)
-    wsi.extract_features([ihc_slide], tmp_path / "ckpt", "test_resnet", checkpoint=ckpt, **run)
+    extract_features([ihc_slide], tmp_path / "ckpt", "test_resnet", checkpoint=ckpt, **run)
     with h5py.File(tmp_path / "ckpt" / "ihc.h5", "r") as f:
         assert f.attrs["weights"] == f"file:sha256:{_sha256(ckpt)}"
     # the same weights as a module: the same features (the checkpoint was loaded), identified by its state dict
-    wsi.extract_features([ihc_slide], tmp_path / "module", headless, **run)
+    extract_features([ihc_slide], tmp_path / "module", headless, **run)
     with h5py.File(tmp_path / "module" / "ihc.h5", "r") as f:
         assert f.attrs["weights"].startswith("module:sha256:") and f.attrs["backbone"] == "ResNet"
     np.testing.assert_array_equal(_features(tmp_path / "ckpt" / "ihc.h5"), _features(tmp_path / "module" / "ihc.h5"))
@@ -146,12 +149,12 @@ def test_weights_are_identified_by_tag_file_hash_or_state_dict(ihc_slide: Path, 
         headless.fc_norm = torch.nn.Identity()  # a changed module is another module
         next(headless.parameters()).add_(1.0)
     with pytest.raises(wsi.FeatureMismatchError, match="weights: stored .*module:sha256:"):
-        wsi.extract_features([ihc_slide], tmp_path / "module", headless, **run)
+        extract_features([ihc_slide], tmp_path / "module", headless, **run)
     # pretrained weights from a local file: the cfg's tag and the file's hash
     full = tmp_path / "full.pth"
     torch.save(zoo.create_model("test_resnet").state_dict(), full)
     overlay = {"pretrained_cfg_overlay": {"file": str(full)}}
-    wsi.extract_features([ihc_slide], tmp_path / "pre", "test_resnet", pretrained=True, backbone_kwargs=overlay, **run)
+    extract_features([ihc_slide], tmp_path / "pre", "test_resnet", pretrained=True, backbone_kwargs=overlay, **run)
     with h5py.File(tmp_path / "pre" / "ihc.h5", "r") as f:
         weights = f.attrs["weights"]
     tag = zoo.get_pretrained_cfg("test_resnet").tag
@@ -160,9 +163,9 @@ def test_weights_are_identified_by_tag_file_hash_or_state_dict(ihc_slide: Path, 
     payload = tmp_path / "payload.pth"
     torch.save({"state_dict": headless.state_dict(), "extra": Payload()}, payload)
     with pytest.raises(UnsafeFileError, match="payload.pth"):
-        wsi.extract_features([ihc_slide], tmp_path / "bad", "test_resnet", checkpoint=payload, **run)
+        extract_features([ihc_slide], tmp_path / "bad", "test_resnet", checkpoint=payload, **run)
     with pytest.raises(ValueError, match="full.pth does not load into test_resnet.*fc.weight.*reset_classifier"):
-        wsi.extract_features([ihc_slide], tmp_path / "bad", "test_resnet", checkpoint=full, **run)
+        extract_features([ihc_slide], tmp_path / "bad", "test_resnet", checkpoint=full, **run)
     assert not list((tmp_path / "bad").glob("*.h5"))
 
 
@@ -174,20 +177,20 @@ def test_random_weights_need_the_flag_are_seeded_and_announced(
     ihc_slide: Path, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     with pytest.raises(ValueError, match="test_resnet.*pretrained=True.*checkpoint=PATH.*random_weights=True"):
-        wsi.extract_features([ihc_slide], tmp_path / "a", "test_resnet", **SMALL)
+        extract_features([ihc_slide], tmp_path / "a", "test_resnet", **SMALL)
     with pytest.raises(ValueError, match="pretrained and random_weights were given together"):
-        wsi.extract_features([ihc_slide], tmp_path / "a", "test_resnet", pretrained=True, random_weights=True)
+        extract_features([ihc_slide], tmp_path / "a", "test_resnet", pretrained=True, random_weights=True)
     assert not (tmp_path / "a").exists()
     capfd.readouterr()
     torch.manual_seed(123)
     rng_before = torch.get_rng_state()
-    report = wsi.extract_features([ihc_slide], tmp_path / "a", "test_resnet", random_weights=True, **SMALL)
+    report = extract_features([ihc_slide], tmp_path / "a", "test_resnet", random_weights=True, **SMALL)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the seeded build leaves the caller's RNG alone
     assert "RANDOM weights (random:seed=0)" in capfd.readouterr().err
     assert "RANDOM" in report.summary() and report.weights == "random:seed=0"
     torch.manual_seed(7)  # another global state: the same seed still gives the same network
-    wsi.extract_features([ihc_slide], tmp_path / "b", "test_resnet", random_weights=True, **SMALL)
-    wsi.extract_features([ihc_slide], tmp_path / "c", "test_resnet", random_weights=True, seed=1, **SMALL)
+    extract_features([ihc_slide], tmp_path / "b", "test_resnet", random_weights=True, **SMALL)
+    extract_features([ihc_slide], tmp_path / "c", "test_resnet", random_weights=True, seed=1, **SMALL)
     a, b, c = (_features(tmp_path / d / "ihc.h5") for d in "abc")
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -226,14 +229,14 @@ def test_heatmap_has_a_colour_bar_and_three_scales(features_h5: Path, tmp_path: 
         return np.asarray(Image.open(out).convert("RGB"))[:h, :w]
 
     def expected(value: float) -> np.ndarray:
-        return 0.5 * thumb[centre] + 0.5 * wsi._colormap(np.array(value)).astype(float)
+        return 0.5 * thumb[centre] + 0.5 * _colormap(np.array(value)).astype(float)
 
     for scale in ("absolute", "minmax", "rank"):
         drawn = tile_colour(scale).astype(float)
         assert np.abs(drawn[centre] - expected(1.0)).max() <= 1, scale
     low = (slice(16, 48), slice(80, 112))  # tile 1 (second lowest value, 0.2 + 0.1/15)
     absolute = tile_colour("absolute").astype(float)
-    assert np.abs(absolute[low] - (0.5 * thumb[low] + 0.5 * wsi._colormap(np.array(0.2 + 0.1 / 15)))).max() <= 1
+    assert np.abs(absolute[low] - (0.5 * thumb[low] + 0.5 * _colormap(np.array(0.2 + 0.1 / 15)))).max() <= 1
     halved = tile_colour("absolute", vmin=0.0, vmax=2.0).astype(float)
     assert np.abs(halved[centre] - expected(0.5)).max() <= 1
     with pytest.warns(UserWarning, match="1 of 16 attention values lie outside \\[0, 0.5\\]"):
@@ -298,7 +301,7 @@ def test_one_corrupt_tile_is_skipped_and_counted(
     ihc_slide: Path, tmp_path: Path, reader: str, capfd: pytest.CaptureFixture
 ) -> None:
     slide = _corrupt_tile(ihc_slide, tmp_path / "damaged.tif", index=5)  # x = 128, y = 128 on the 4x4 grid
-    report = wsi.extract_features([slide], tmp_path / "feats", TinyNet(), reader=reader, **SMALL)
+    report = extract_features([slide], tmp_path / "feats", TinyNet(), reader=reader, **SMALL)
     assert report.written == ["damaged"] and not report.failed, report.summary()
     assert report.skipped_tiles == {"damaged": 1} and report.tiles == TILES - 1
     assert "1 unreadable tile(s) skipped in 1 slide(s)" in report.summary().splitlines()[0]
@@ -324,7 +327,7 @@ def test_a_slide_whose_every_tile_fails_is_a_failed_slide(
         return real(self, location, level, size)
 
     monkeypatch.setattr(wsi.Slide, "read_region", tiles_fail)
-    report = wsi.extract_features([ihc_slide], tmp_path / "feats", TinyNet(), **SMALL)
+    report = extract_features([ihc_slide], tmp_path / "feats", TinyNet(), **SMALL)
     assert report.written == [] and "none of its 16 tiles could be read" in report.failed["ihc"]
     assert not list((tmp_path / "feats").glob("*"))
 
@@ -416,10 +419,10 @@ def test_leftover_temporaries_are_removed_and_files_get_normal_modes(
     out.mkdir()
     leftover = out / ".ihc.h5.999999.k2j4x8ab.partial"  # a run killed mid-write (pid 999999 is gone)
     leftover.write_bytes(b"half an HDF5 file")
-    wsi.extract_features([ihc_slide], out, TinyNet(), **SMALL)
+    extract_features([ihc_slide], out, TinyNet(), **SMALL)
     assert sorted(p.name for p in out.iterdir()) == ["ihc.h5"]
     png = wsi.attention_heatmap(out / "ihc.h5", np.arange(TILES, dtype=float), tmp_path / "heat.png")
-    tiff = wsi.write_pyramidal_tiff(np.full((256, 256, 3), 200, np.uint8), tmp_path / "small.tif", min_size=256)
+    tiff = write_pyramidal_tiff(np.full((256, 256, 3), 200, np.uint8), tmp_path / "small.tif", min_size=256)
     for path in (out / "ihc.h5", png, tiff):
         assert path.stat().st_mode & 0o777 == _file_mode(), path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -1,6 +1,6 @@
 """mmsegmentation 1.x adapter: ZooBackbone in UperNet / Semantic FPN configs, train steps and inference.
 
-Runs on the mmcv-lite path (``zoo.detection.mmcv_compat``) unless a compiled mmcv is installed. The tiny set is two
+Runs on the mmcv-lite path (``zoo.mm.compat``) unless a compiled mmcv is installed. The tiny set is two
 scikit-image photos labelled from their own content: coins (Otsu foreground = class 1, background 0) and the
 camera man (Otsu foreground = class 2, background 0).
 """
@@ -22,7 +22,7 @@ skimage = pytest.importorskip("skimage")
 
 from skimage import data, filters, transform  # noqa: E402
 
-from zoo.detection import mmcv_compat  # noqa: E402
+from zoo.mm import compat as mmcv_compat  # noqa: E402
 
 mmcv_compat.install()  # no-op with a compiled mmcv
 
@@ -33,7 +33,7 @@ from mmseg.structures import SegDataSample  # noqa: E402
 from mmseg.utils import register_all_modules  # noqa: E402
 
 import zoo.segmentation.mmseg as zoo_mmseg  # noqa: E402
-from zoo.detection.mm_backbone import ZooBackbone  # noqa: E402
+from zoo.mm.backbone import ZooBackbone  # noqa: E402
 
 register_all_modules()
 from mmseg.registry import MODELS  # noqa: E402

@@ -11,25 +11,25 @@ Importing this module registers the backbone (mmdet configs do it with ``custom_
     )
 
 The backbone returns a tuple of NCHW maps ``(B, C_i, H / s_i, W / s_i)``; ``ZooBackbone.out_channels`` lists
-the ``C_i`` for the neck. Arguments: :class:`zoo.detection.mm_backbone.ZooBackbone`. Ready configs (COCO
+the ``C_i`` for the neck. Arguments: :class:`zoo.mm.backbone.ZooBackbone`. Ready configs (COCO
 Mask R-CNN 1x / RetinaNet 1x for BiFormer-S/B, DaViT-T/S, HaloNet-50ts) are in ``zoo/detection/configs/``;
 ``zoo det train CONFIG`` runs them.
 
 Needs ``pip install 'attention-zoo[mm-lite]'`` (or ``make mmcv`` and ``[mm]``). Without a compiled mmcv, set
-``ZOO_MMCV_COMPAT=1`` (or call ``zoo.detection.mmcv_compat.install()`` first) to run on ``mmcv-lite``.
+``ZOO_MMCV_COMPAT=1`` (or call ``zoo.mm.compat.install()`` first) to run on ``mmcv-lite``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from zoo.detection.mmcv_compat import require_mm
+from zoo.mm.compat import require_mm
 
 require_mm("mmdet")
 
 from mmdet.registry import MODELS  # noqa: E402
 
-from zoo.detection.mm_backbone import (  # noqa: E402
+from zoo.mm.backbone import (  # noqa: E402
     ZooBackbone,
     layer_decay_custom_keys,
     layer_decay_paramwise_cfg,

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
-from zoo.detection.torchvision import _frozen_children, feature_levels
+from zoo.mm.features import feature_levels, frozen_children
 
 __all__ = ["ZooBackbone", "layer_decay_custom_keys", "layer_decay_paramwise_cfg"]
 
@@ -91,7 +91,7 @@ class ZooBackbone(nn.Module):
         if not -1 <= frozen_stages <= len(stages):
             raise ValueError(f"frozen_stages must be in [-1, {len(stages)}] for {model_name!r}, got {frozen_stages}")
         self.frozen_stages = frozen_stages
-        self.frozen_modules = _frozen_children(body, info, frozen_stages + 1)
+        self.frozen_modules = frozen_children(body, info, frozen_stages + 1)
         children = dict(body.named_children())
         for name in self.frozen_modules:
             children[name].requires_grad_(False)

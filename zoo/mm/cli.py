@@ -11,7 +11,7 @@ Several GPUs (one process per GPU; mmengine's ``pytorch`` launcher reads torchru
         -m zoo.cli seg train CONFIG --launcher pytorch
 
 Without a compiled mmcv, ``--mmcv-lite`` (or ``ZOO_MMCV_COMPAT=1``) runs on ``mmcv-lite`` through
-``zoo.detection.mmcv_compat``. Everything mm is imported when a command runs, never when the parser is built.
+``zoo.mm.compat``. Everything mm is imported when a command runs, never when the parser is built.
 """
 
 from __future__ import annotations
@@ -45,17 +45,17 @@ def prepare_config(task: str, args: argparse.Namespace) -> Any:
 
     Also imports the adapter (registers ``ZooBackbone``; installs the mmcv-lite layer with ``--mmcv-lite``),
     switches an ``AmpOptimWrapper`` to fp32 on machines without CUDA, and lets mmengine < 0.11 load its own
-    checkpoints on torch >= 2.6 when resuming or loading (``mmcv_compat.trust_local_checkpoints``).
+    checkpoints on torch >= 2.6 when resuming or loading (``zoo.mm.compat.trust_local_checkpoints``).
     """
     import importlib
 
     import torch
 
-    from zoo.detection import mmcv_compat
+    from zoo.mm import compat
 
     module, scope, _ = _TASKS[task]
     if getattr(args, "mmcv_lite", False):
-        mmcv_compat.install()
+        compat.install()
     importlib.import_module(module)
     from mmengine.config import Config
 
@@ -87,7 +87,7 @@ def prepare_config(task: str, args: argparse.Namespace) -> Any:
         optim.type = "AmpOptimWrapper"
         optim.setdefault("loss_scale", "dynamic")
     if cfg.get("resume") or cfg.get("load_from"):
-        if mmcv_compat.trust_local_checkpoints():
+        if compat.trust_local_checkpoints():
             print("zoo: mmengine < 0.11 on torch >= 2.6: loading checkpoints with torch.load(weights_only=False)")
     return cfg
 

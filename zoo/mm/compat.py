@@ -19,7 +19,7 @@ OpenMMLab's last releases accept only mmcv < 2.2, which has no wheel for current
   ``mmdet`` / ``mmsegmentation`` distributions are installed: their ``__init__`` asserts ``mmcv < 2.2.0``. The
   maintained fork (``onedl-mmdetection`` / ``onedl-mmsegmentation``) has no such assert and is left alone.
 
-Opt in with ``ZOO_MMCV_COMPAT=1`` (read when ``zoo.detection.mmdet`` / ``zoo.segmentation.mmseg`` are imported)
+Opt in with ``ZOO_MMCV_COMPAT=1`` (read when the adapters ``zoo.detection.mmdet`` / ``zoo.segmentation.mmseg`` load)
 or by calling :func:`install` before anything imports ``mmdet`` / ``mmseg``. With a compiled mmcv installed,
 :func:`install` does nothing.
 
@@ -283,7 +283,7 @@ def install(override_version: bool | None = None) -> str:
                 f"compatibility layer ({ENV_VAR}=1)"
             )
     if not is_installed():
-        ext = types.ModuleType("mmcv._ext", "zoo stand-in for mmcv's compiled ops (zoo.detection.mmcv_compat)")
+        ext = types.ModuleType("mmcv._ext", "zoo stand-in for mmcv's compiled ops (zoo.mm.compat)")
         setattr(ext, _MARK, True)
         # a spec without a loader: find_spec() works, and pkgutil.find_loader() (upstream mmengine's
         # mmcv_full_available) still reports "no compiled mmcv"; onedl-mmengine probes with find_spec() and reports
@@ -326,14 +326,14 @@ def require_mm(package: str) -> types.ModuleType:
     except AssertionError as e:  # the version asserts in mmdet / mmseg __init__
         raise MMCVIncompatibleError(
             f"{package} refuses the installed mmcv ({e}). With mmcv-lite 2.2.0 enable zoo's compatibility layer: "
-            f"set {ENV_VAR}=1 or call zoo.detection.mmcv_compat.install() before importing {package}; otherwise "
+            f"set {ENV_VAR}=1 or call zoo.mm.compat.install() before importing {package}; otherwise "
             f"{MMCV_BUILD_HINT}"
         ) from e
     except ModuleNotFoundError as e:
         if e.name == "mmcv._ext":
             raise MMCVIncompatibleError(
                 f"mmcv has no compiled ops (No module named 'mmcv._ext'): set {ENV_VAR}=1 or call "
-                f"zoo.detection.mmcv_compat.install() before importing {package} (nms / roi_align via torchvision), "
+                f"zoo.mm.compat.install() before importing {package} (nms / roi_align via torchvision), "
                 f"or {MMCV_BUILD_HINT}"
             ) from e
         if e.name in ("ftfy", "regex"):
