@@ -697,6 +697,10 @@ def train(cfg: Config) -> dict[str, Any]:
     (with ``stopped_by`` when SIGTERM / SIGUSR1 stopped it after a checkpoint)."""
     dist_info = init_distributed(cfg.dist.backend or None, cfg.loop.device or None)
     try:
-        return Trainer(cfg, dist_info).run()
+        result = Trainer(cfg, dist_info).run()
+        # every rank's last collective finishes before the group goes away (a rank that tore down gloo while
+        # its peer was still in the last all-gather was seen to abort, rarely, under FSDP)
+        barrier()
+        return result
     finally:
         cleanup()
